@@ -4,10 +4,9 @@
 
 # %% ../nbs/00_core.ipynb #75ef0969
 from __future__ import annotations
-import os, json, random, dataclasses, copy
+import os, json, random, copy
 from dataclasses import dataclass, field, asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any
 
 # %% auto #0
 __all__ = ['DEFAULT_MODALITIES', 'MODALITY_ALIASES', 'PRESETS', 'MedSightError', 'DataError', 'ConfigError', 'CheckpointError',

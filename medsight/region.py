@@ -42,7 +42,7 @@ class RegionData:
         from medsight.data.schema import decode_sample
         reg, cidx = ModalityRegistry(modalities), {c: i for i, c in enumerate(classes)}
         self.size, self.classes, self.modalities = size, list(classes), list(modalities)
-        imgs, self.masks, self.labels, self.modality, self.ids, self.regions, self.extra = [], [], [], [], [], [], []
+        imgs, self.masks, self.labels, self.modality, self.ids, self.extra = [], [], [], [], [], []
         for i, s in enumerate(samples):
             if not isinstance(s['image'], np.ndarray): s = decode_sample(s)
             same = s['image'].shape[:2] == (size, size)                      # already at the model's size: no resampling
@@ -57,7 +57,6 @@ class RegionData:
             except KeyError as e: raise DataError(f'region class {e.args[0]!r} is not in the class vocabulary', row=s.get('id', i), field='regions',
                                                   hint=f'classes are {classes}') from None
             self.modality.append(reg.id(s['modality'])); self.ids.append(s.get('id', str(i)))
-            self.regions.append([(r['name'], r.get('label')) for r in s['regions']])
             self.extra.append(json.loads(s['meta']['extra']) if s.get('meta', {}).get('extra') else {})
         self.images, self.modality = torch.stack(imgs), torch.tensor(self.modality)          # (n, 3, S, S), (n,)
 
