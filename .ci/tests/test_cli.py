@@ -87,16 +87,31 @@ def test_readme_quickstart_matches_ci():
 def test_train_stages_1_2_and_codebook_report(tmp_path):
     "The output contract of stages 1–2 and of the mask-tokenizer report (a few steps: the path, not the figures)."
     medsight('data', 'shapes', '--n', 40, '--out', tmp_path/'d', '--quiet')
-    medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--quiet', '--set', 'train.steps={"1": 4, "2": 3},train.batch_size=4')
+    medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--stage', '1,2', '--quiet', '--set', 'train.steps={"1": 4, "2": 3},train.batch_size=4')
     m1, m2 = (json.loads((tmp_path/'r'/f'stage{s}'/'metrics.json').read_text()) for s in '12')
     for m in (m1, m2):
         for k in ('wall_s', 'samples_per_s', 'peak_mem_mb', 'trainable_params', 'val'): assert k in m, k
     assert set(m1['val']) == {'dice'} and set(m2['val']) == {'dice_continuous', 'dice_quantized'}
     assert (tmp_path/'r'/'stage2'/'code_labels.json').exists() and (tmp_path/'r'/'config.json').exists()
-    again = medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--quiet', '--set', 'train.steps={"1": 4, "2": 3},train.batch_size=4')
+    again = medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--stage', '1,2', '--quiet', '--set', 'train.steps={"1": 4, "2": 3},train.batch_size=4')
     assert json.loads((tmp_path/'r'/'stage1'/'metrics.json').read_text()) == m1      # finished stages are skipped
     medsight('codebook-report', '--run', tmp_path/'r', '--data', tmp_path/'d', '--out', tmp_path/'rep')
     rep = json.loads((tmp_path/'rep'/'codebook_report.json').read_text())
     for k in ('dice_continuous', 'dice_quantized', 'codes_used_frac', 'purity', 'per_modality'): assert k in rep, k
     for v in rep['per_modality'].values(): assert {'dice_continuous', 'dice_quantized', 'codes_used', 'perplexity'} <= set(v)
     assert (tmp_path/'rep'/'atlas.png').stat().st_size > 1000
+
+def test_train_all_stages_contract(tmp_path):
+    "`--stage all` runs 1–5; each stage writes metrics.json with the contract's keys, loss.png, and RUN/config.json; a rerun skips."
+    steps = 'train.steps={"1": 3, "2": 2, "3": 2, "4": 2, "5": 3},train.batch_size=4,train.val_samples=4,train.max_new_tokens=6'
+    medsight('data', 'shapes', '--n', 40, '--out', tmp_path/'d', '--quiet')
+    medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--stage', 'all', '--quiet', '--set', steps)
+    for n in '12345':
+        m = json.loads((tmp_path/'r'/f'stage{n}'/'metrics.json').read_text())
+        for k in ('wall_s', 'samples_per_s', 'peak_mem_mb', 'trainable_params', 'val'): assert k in m, (n, k)
+        assert m['finished'] and (tmp_path/'r'/f'stage{n}'/'loss.png').exists()
+        if n in '45': assert {'loss', 'dice', 'diagnosis_acc'} <= set(m['val']), m['val']
+    assert json.loads((tmp_path/'r'/'config.json').read_text())['train']['steps']['5'] == 3
+    m5 = (tmp_path/'r'/'stage5'/'metrics.json').read_text()
+    out = medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--stage', 'all', '--quiet', '--set', steps)
+    assert (tmp_path/'r'/'stage5'/'metrics.json').read_text() == m5 and 'stage 5' in out.stdout
