@@ -15,8 +15,8 @@ def medsight(*args, ok=True, timeout=900):
 
 def test_help_lists_every_command():
     out = medsight('--help').stdout
-    for cmd in ('data shapes', 'data brain', 'data convert', 'config', 'demo', 'train', 'codebook-report'): assert cmd in out
-    for cmd in (['data', 'shapes'], ['data', 'brain'], ['data', 'convert'], ['demo'], ['config']):
+    for cmd in ('data shapes', 'data brain', 'data convert', 'config', 'demo', 'train', 'codebook-report', 'bench'): assert cmd in out
+    for cmd in (['data', 'shapes'], ['data', 'brain'], ['data', 'convert'], ['demo'], ['config'], ['train'], ['bench']):
         assert 'usage: medsight' in medsight(*cmd, '--help').stdout
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
