@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from transformers import PretrainedConfig, PreTrainedModel
 from .core import RunConfig, LLMConfig, ConfigError, DataError, CheckpointError, config_from_dict
 from .codebook import code_token
-from .perceiver import dice_loss, resize_masks, dice_score
+from .perceiver import dice_loss, resize_masks
 from .region import RegionModel
 from .vision import unletterbox
 

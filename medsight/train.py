@@ -865,7 +865,7 @@ def load_llm_model(run,                 # a run directory with region.json and s
     return model.eval()
 
 # %% ../nbs/07_train.ipynb #5aa0c0b7
-def load_llm_data(run, data_dir=None, processor=None, splits=('train', 'val', 'test'), max_length:int=None):
+def load_llm_data(run, data_dir, processor, splits=('train', 'val', 'test')):
     "`{split: dict(samples, codes, items, grounding, text)}`: decoded samples, their code labels, and processor encodings."
     from medsight.data.schema import load_grounded, decode_sample
     run = Path(run)
@@ -885,7 +885,7 @@ def load_llm_data(run, data_dir=None, processor=None, splits=('train', 'val', 't
             lb = labels['splits'][sp]
             if lb['ids'] != [s['id'] for s in samples]: raise ConfigError(f'code labels of split {sp} do not match its rows', path=lab, field=sp)
             codes = [[tuple(c) if c else None for c in row] for row in lb['codes']]
-            items = [processor.encode(s, c) if processor is not None else None for s, c in zip(samples, codes)]
+            items = [processor.encode(s, c) for s, c in zip(samples, codes)]
             keep = [i for i, it in enumerate(items) if it is not None]
             out[sp] = dict(samples=samples, codes=codes, items=items, info=info,
                            grounding=[i for i in keep if len(items[i]['region_masks'])], text=[i for i in keep if not len(items[i]['region_masks'])])
@@ -939,7 +939,7 @@ def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_
     from medsight.processor import grounded_dice
     idx = [i for i in range(len(data['samples'])) if data['items'][i] is not None][:n]
     dev = model.code_tokens.inp.device
-    diags = [d for d in data['info'].get('diagnoses', [])]
+    diags = list(data['info'].get('diagnoses', []))
     losses, dice, code_ok, code_n, dg = [], [], 0, 0, []
     for s in range(0, len(idx), batch_size):
         part = idx[s:s + batch_size]
