@@ -128,7 +128,7 @@ def data_convert(src:str,            # the dataset to convert (a folder)
 # %% ../nbs/10_cli.ipynb #64bb07b4
 AVAILABLE_STAGES = ('1', '2', '3', '4', '5')
 
-def _fmt_val(v:dict) -> str: return json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in v.items()})
+def _fmt_val(v:dict) -> str: return json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in v.items() if not isinstance(x, dict)})
 
 @command('train')
 def train_cmd(data:str=None,        # a grounded dataset directory (`medsight data …`)

@@ -185,6 +185,10 @@ class LLMConfig:
     grad_checkpointing:bool = False # recompute LLM activations in the backward pass (saves memory; GPU runs)
     max_length:int = 512         # longest training sequence in tokens (longer ones lose whole turns)
     mask_weight:float = 1.0      # λ: weight of the mask Dice + BCE against the LM loss (stages 4–5)
+    code_pointer:bool = False    # code tokens also scored by pointing at the image's region tokens (ours, not the paper's)
+    pointer_dim:int = 128        # width of the pointer's query/key projections
+    region_evidence:bool = False # region tokens also carry the perceiver's class probabilities and their mask's centre and size (ours)
+    code_residual:bool = False   # a code token's mask query starts from its region's query (else W_m(code)), P_t→v adds to it (ours)
 
 @dataclass
 class TrainConfig:
@@ -264,9 +268,9 @@ def _paper_vision(): return VisionConfig(kind='clip', path='openai/clip-vit-larg
                                          mean=(0.4815, 0.4578, 0.4082), std=(0.2686, 0.2613, 0.2758))
 PRESETS = {
     'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(image_skip=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
-                       llm=LLMConfig(lora_r=0), train=TrainConfig(steps={'1': 600, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3})),
+                       llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True), train=TrainConfig(steps={'1': 600, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3})),
     'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
-                       llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32),
+                       llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True),
                        train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 600, '2': 300, '3': 60, '4': 150, '5': 600})),
     'paper': RunConfig(preset='paper', vision=_paper_vision(),
                        perceiver=PerceiverConfig(n_queries=20, dim=256, heads=8, stages=3, mask_size=192),

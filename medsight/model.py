@@ -19,8 +19,9 @@ from .vision import unletterbox
 
 # %% auto #0
 __all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'bnb_config', 'tiny_llm_config', 'load_llm',
-           'MedSightConfig', 'VisionToText', 'CodeTokens', 'MedSightOutput', 'MedSightForCausalLM', 'build_medsight',
-           'token_kinds', 'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
+           'MedSightConfig', 'VisionToText', 'CodeTokens', 'region_evidence', 'CodePointer', 'PointerContext',
+           'MedSightOutput', 'MedSightForCausalLM', 'build_medsight', 'token_kinds', 'plot_token_layout', 'Generation',
+           'Region', 'GroundedAnswer']
 
 # %% ../nbs/05_model.ipynb #7345902a
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -137,12 +138,16 @@ class MedSightConfig(PretrainedConfig):
 # %% ../nbs/05_model.ipynb #b2a5fbc7
 class VisionToText(nn.Module):
     "P_v→t: a 2-layer GELU MLP shared by patch and region tokens (region tokens first mapped to the patch width if it differs)."
-    def __init__(self, vis_dim:int, region_dim:int, hidden:int):
+    def __init__(self, vis_dim:int, region_dim:int, hidden:int,
+                 n_evidence:int=0):  # width of the region evidence added to region tokens (0: none, as in the paper)
         super().__init__()
         self.region_in = nn.Identity() if region_dim == vis_dim else nn.Linear(region_dim, vis_dim)
         self.mlp = nn.Sequential(nn.Linear(vis_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.evidence = nn.Linear(n_evidence, hidden) if n_evidence else None
     def patches(self, x): return self.mlp(x)                      # (B, hw, D_enc) → (B, hw, H)
-    def regions(self, q): return self.mlp(self.region_in(q))      # (…, D_q) → (…, H)
+    def regions(self, q, evidence=None):                          # (…, D_q), (…, E) → (…, H)
+        x = self.mlp(self.region_in(q))
+        return x if evidence is None or self.evidence is None else x + self.evidence(evidence.to(x.dtype))
 
 class CodeTokens(nn.Module):
     "Embedding rows of the added tokens (`<image>`, then every code), for input and, if untied, output."
@@ -152,6 +157,40 @@ class CodeTokens(nn.Module):
         self.out = None if tied else nn.Parameter(torch.zeros(n, hidden))           # (n, H)
     def out_rows(self): return self.inp if self.out is None else self.out
     def extra_repr(self): return f'rows={self.inp.shape[0]}, hidden={self.inp.shape[1]}, tied={self.out is None}'
+
+# %% ../nbs/05_model.ipynb #ef0b4b4f
+def region_evidence(class_logits:torch.Tensor, # (B, N, C+1) the perceiver's class logits
+                    mask_logits:torch.Tensor=None # (B, N, h, w) its mask logits (None: centre 0.5, size 0)
+                   ) -> torch.Tensor:          # (B, N, C+5)
+    "What a region token states outright: class probabilities, then its soft mask's centre x, y, √area and peak."
+    p_cls = class_logits.float().softmax(-1)
+    if mask_logits is None: return torch.cat([p_cls, p_cls.new_tensor([.5, .5, 0., 0.]).expand(*p_cls.shape[:-1], 4)], -1)
+    p = mask_logits.float().sigmoid(); h, w = p.shape[-2:]
+    ys, xs = (torch.arange(h, device=p.device) + .5) / h, (torch.arange(w, device=p.device) + .5) / w
+    mass = p.sum((-1, -2)).clamp_min(1e-6)                                       # (B, N)
+    cx, cy = (p.sum(-2) * xs).sum(-1) / mass, (p.sum(-1) * ys).sum(-1) / mass
+    return torch.cat([p_cls, torch.stack([cx, cy, (mass / (h * w)).sqrt(), p.amax((-1, -2))], -1)], -1)
+
+# %% ../nbs/05_model.ipynb #446b5c33
+class CodePointer(nn.Module):
+    "Scores the image's region tokens as the referent of the next code token: states (…, H) · keys (…, N, P) → (…, N)."
+    def __init__(self, hidden:int, dim:int=128):
+        super().__init__()
+        self.q, self.k, self.scale = nn.Linear(hidden, dim), nn.Linear(hidden, dim), dim ** -0.5
+    def keys(self, h_regions): return self.k(h_regions)                      # (B, N, H) → (B, N, P)
+    def forward(self, h, keys):
+        q = self.q(h) * self.scale                                           # (…, P)
+        if keys.dim() == q.dim(): return q @ keys.transpose(-1, -2)         # (B, T, P) · (B, N, P) → (B, T, N)
+        return (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)       # (S, P) · (S, N, P) → (S, N)
+
+@dataclass
+class PointerContext:
+    "The region tokens of a batch, for the code pointer."
+    pos:torch.Tensor            # (B, N) sequence positions of the region tokens
+    codes:torch.Tensor          # (B, N) code column (bank · K + code) of each region token's quantised query
+    keys:torch.Tensor = None    # (B, N, P) pointer keys from the LLM's last states at those positions
+    def take(self, rows):       # the context of the rows `rows` (one per selected position)
+        return PointerContext(self.pos[rows], self.codes[rows], None if self.keys is None else self.keys[rows])
 
 # %% ../nbs/05_model.ipynb #d90c3f67
 @dataclass
@@ -185,9 +224,12 @@ class MedSightForCausalLM(PreTrainedModel):
         self.llm, self.tokenizer = llm, None
         tc = llm.config.get_text_config()
         H = tc.hidden_size
-        self.proj_v2t = VisionToText(self.encoder.dim, cfg.perceiver.dim, H)
+        self.proj_v2t = VisionToText(self.encoder.dim, cfg.perceiver.dim, H, n_evidence=len(config.classes) + 5 if cfg.llm.region_evidence else 0)
         self.proj_t2v = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, cfg.perceiver.dim))
+        if cfg.llm.code_residual:                                   # start as the code's own decoding; the LLM state refines it
+            nn.init.zeros_(self.proj_t2v[-1].weight); nn.init.zeros_(self.proj_t2v[-1].bias)
         self.code_tokens = CodeTokens(1 + self.codebook.M * self.codebook.K, H, tied=bool(tc.tie_word_embeddings))
+        self.code_pointer = CodePointer(H, cfg.llm.pointer_dim) if cfg.llm.code_pointer else None
 
 # %% ../nbs/05_model.ipynb #f5b32c8a
 @patch(as_prop=True)
@@ -242,12 +284,19 @@ def extend_vocab(self:MedSightForCausalLM, tokenizer) -> dict:
     return dict(image=first, codes=list(range(first + 1, first + len(new))))
 
 @patch
+def code_region_tokens(self:MedSightForCausalLM) -> torch.Tensor:
+    "Every code as a region token: `P_v→t(W_m(code))` (with its class evidence when region evidence is on), (M·K, H)."
+    v = self.codebook.code_embeddings()                                           # (M·K, D_q)
+    ev = region_evidence(self.perceiver.class_head(self.perceiver.norm(v))) if self.proj_v2t.evidence is not None else None
+    return self.proj_v2t.regions(v, ev)
+
+@patch
 @torch.no_grad()
 def init_code_rows(self:MedSightForCausalLM):
     "Code rows from the projected codebook; `<image>` row from the mean embedding; output rows rescaled."
     lm = self._base_lm()
     emb, head = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
-    codes = self.proj_v2t.regions(self.codebook.code_embeddings()).float()       # (M·K, H)
+    codes = self.code_region_tokens().float()                                     # (M·K, H)
     ct = self.code_tokens
     ct.inp[0], ct.inp[1:] = emb.float().mean(0), codes
     if ct.out is not None:
@@ -284,11 +333,20 @@ def embed_tokens(self:MedSightForCausalLM, ids:torch.Tensor) -> torch.Tensor: # 
     return emb
 
 @patch
-def logits(self:MedSightForCausalLM, h:torch.Tensor) -> torch.Tensor: # (…, H) → (…, V)
-    "Next-token logits over the extended vocabulary (`<image>` never wins)."
+def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) -> torch.Tensor: # (…, H) → (…, V)
+    "Next-token logits over the extended vocabulary (`<image>` never wins); with `ptr`, code logits + log p(code | pointer)."
     base = self._base_lm().get_output_embeddings()(h)[..., :self.config.first_new_id]    # (…, V0)
     new = h @ self.code_tokens.out_rows()[1:].to(h.dtype).T                             # (…, M·K)
+    if ptr is not None and ptr.keys is not None: new = new + self.pointer_logprobs(h, ptr).to(new.dtype)
     return torch.cat([base, torch.full_like(new[..., :1], torch.finfo(new.dtype).min), new], -1)
+
+@patch
+def pointer_logprobs(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext, eps:float=1e-6) -> torch.Tensor:
+    "log p(code) of pointing at the region tokens: softmax over the N regions, summed per code; codes of no region get log ε."
+    p = self.code_pointer(h, ptr.keys).float().softmax(-1)                 # (…, N)
+    codes = ptr.codes if p.dim() == ptr.codes.dim() else ptr.codes[:, None].expand_as(p)
+    pc = p.new_zeros(*p.shape[:-1], self.codebook.M * self.codebook.K).scatter_add_(-1, codes, p)   # (…, M·K)
+    return (pc + eps).log()
 
 # %% ../nbs/05_model.ipynb #dda948eb
 @patch
@@ -299,21 +357,36 @@ def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3,
         grid, cls = self.encoder(pixel_values)                     # (B, D, h, w), (B, D)
         out = self.perceiver(grid, pixel_values)                   # queries (B, N, Dq)
     patches = grid.flatten(2).transpose(1, 2)                      # (B, h·w, D)
-    return torch.cat([self.proj_v2t.patches(patches), self.proj_v2t.regions(out.queries)], 1), out, cls
+    ev = region_evidence(out.class_logits[-1], out.mask_logits[-1]).detach() if self.proj_v2t.evidence is not None else None
+    return torch.cat([self.proj_v2t.patches(patches), self.proj_v2t.regions(out.queries, ev)], 1), out, cls
 
 @patch
-def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:torch.Tensor=None):
-    "`(inputs_embeds (B, T, H), perceiver output or None)`: token embeddings with the `<image>` positions filled."
+def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:torch.Tensor=None, modality=None):
+    "`(inputs_embeds (B, T, H), perceiver output, PointerContext)`: `<image>` positions filled (None, None without pixels)."
     emb = self.embed_tokens(input_ids)
     is_img = input_ids == self.image_token_id                       # (B, T)
     if pixel_values is None:
         if is_img.any(): raise DataError('the input holds <image> tokens but no pixel_values', field='pixel_values')
-        return emb, None
-    vis, pout, _ = self.visual_tokens(pixel_values.to(emb.device))
+        return emb, None, None
+    vis, pout, cls = self.visual_tokens(pixel_values.to(emb.device))
     if (n := is_img.sum(1)).ne(vis.shape[1]).any():
         raise DataError(f'each sequence needs exactly {vis.shape[1]} <image> tokens (patches + regions), got {n.tolist()}',
                         field='input_ids', hint='build inputs with MedSightProcessor, which expands <image>')
-    return emb.masked_scatter(is_img[..., None], vis.to(emb.dtype)), pout
+    ptr = None
+    if self.code_pointer is not None or self.config.run_config.llm.code_residual:
+        B, N, K = len(input_ids), self.perceiver.n_queries, self.codebook.K
+        pos = is_img.nonzero()[:, 1].view(B, -1)[:, -N:]                                  # (B, N) region positions
+        with torch.no_grad():
+            m, _, _ = self.codebook.resolve_modality(modality, cls, B)                     # (B,) bank
+            k = self.codebook.encode(pout.queries, m, cls=cls)                             # (B, N) code in bank
+        ptr = PointerContext(pos, (m.to(k.device)[:, None] * K + k).to(emb.device))
+    return emb.masked_scatter(is_img[..., None], vis.to(emb.dtype)), pout, ptr
+
+@patch
+def pointer_keys(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext) -> PointerContext: # h (B, T, H)
+    "Fill `ptr.keys` from the LLM's last hidden states at the region tokens."
+    if ptr is not None and self.code_pointer is not None: ptr.keys = self.code_pointer.keys(h.gather(1, ptr.pos[..., None].expand(-1, -1, h.shape[-1])))   # (B, N, P)
+    return ptr
 
 @patch
 def run_backbone(self:MedSightForCausalLM, emb, attention_mask=None, position_ids=None, cache=None, use_cache:bool=False):
@@ -325,13 +398,30 @@ def run_backbone(self:MedSightForCausalLM, emb, attention_mask=None, position_id
 
 # %% ../nbs/05_model.ipynb #adfcb09c
 @patch
+def code_queries(self:MedSightForCausalLM,
+                 code_ids:torch.Tensor, # (R,) code-token ids
+                 rows:torch.Tensor,     # (R,) batch row of each
+                 ptr:PointerContext,    # the batch's region codes
+                 queries:torch.Tensor   # (B, N, Dq) the perceiver's region queries
+                ) -> torch.Tensor:      # (R, Dq)
+    "Each code's own query: the mean query of the image's regions with that code, else `W_m(code)`."
+    col = (code_ids - self.code_start).to(ptr.codes.device)
+    hit = (ptr.codes[rows] == col[:, None]).to(queries.dtype)                  # (R, N)
+    m, k = col.div(self.codebook.K, rounding_mode='floor'), col % self.codebook.K
+    own = self.codebook.lookup(k[:, None], m)[:, 0].to(queries.dtype)           # (R, Dq) W_m(code)
+    n = hit.sum(1, keepdim=True)
+    return torch.where(n > 0, (hit[..., None] * queries[rows]).sum(1) / n.clamp(min=1), own)
+
+@patch
 def decode_masks(self:MedSightForCausalLM,
                  h:torch.Tensor,      # (R, H) hidden states at code tokens, samples in order
                  counts:list,         # code tokens per sample, summing to R
-                 features):           # `PixelFeatures` of the batch (`out.features`)
+                 features,            # `PixelFeatures` of the batch (`out.features`)
+                 base:torch.Tensor=None): # (R, Dq) queries P_t→v adds to (`code_queries`), or None
     "Mask logits per sample, `[(R_b, h', w')]`, decoded from LLM hidden states through P_t→v."
     B, R = len(counts), max(counts, default=0)
     q = self.proj_t2v(h)                                                        # (R, Dq)
+    if base is not None: q = q + base.to(q.dtype)
     Q = q.new_zeros(B, max(R, 1), q.shape[-1])                                  # (B, R_max, Dq)
     Q[torch.arange(max(R, 1), device=q.device)[None] < torch.tensor(counts, device=q.device)[:, None]] = q
     masks, _ = self.perceiver.decode(Q, features)                               # (B, R_max, h', w')
@@ -348,18 +438,22 @@ def forward(self:MedSightForCausalLM,
             position_ids:torch.Tensor=None,  # (B, T) default: from the attention mask (left padding works)
             past_key_values=None,            # a KV cache to continue
             use_cache:bool=False,            # return the cache
-            return_logits:bool=None) -> MedSightOutput: # default: logits only without labels
+            return_logits:bool=None,         # default: logits only without labels
+            modality=None) -> MedSightOutput: # (B,) bank ids (−1 unknown) for the code pointer; None: predicted from CLS
     "LM loss on labelled tokens + λ·(Dice + BCE) of the masks decoded at supervised code tokens."
-    emb, pout = self.input_embeds(input_ids, pixel_values)
+    emb, pout, ptr = self.input_embeds(input_ids, pixel_values, modality)
     if position_ids is None and attention_mask is not None and past_key_values is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     h, cache = self.run_backbone(emb, attention_mask, position_ids, past_key_values, use_cache)   # (B, T, H)
+    ptr = self.pointer_keys(h, ptr)
     res = MedSightOutput(hidden_states=h, past_key_values=cache)
-    if return_logits or (return_logits is None and labels is None): res.logits = self.logits(h)
+    if return_logits or (return_logits is None and labels is None): res.logits = self.logits(h, ptr)
     if labels is None: return res
     labels = labels.to(h.device)
     tgt = labels[:, 1:]; sel = tgt != -100                                     # logits only where there are labels
-    res.lm_loss = F.cross_entropy(self.logits(h[:, :-1][sel]).float(), tgt[sel]) if sel.any() else h.sum() * 0
+    rows = sel.nonzero()[:, 0]                                                 # batch row of each selected position
+    lg = self.logits(h[:, :-1][sel], None if ptr is None else ptr.take(rows))  # (S, V)
+    res.lm_loss = F.cross_entropy(lg.float(), tgt[sel]) if sel.any() else h.sum() * 0
     res.loss = res.lm_loss
     is_code = self.is_code(input_ids) & (labels != -100)                       # (B, T)
     counts = is_code.sum(1).tolist(); res.n_codes = sum(counts)
@@ -368,7 +462,8 @@ def forward(self:MedSightForCausalLM,
     if (got := [len(m) for m in region_masks]) != counts:
         raise DataError(f'supervised code tokens per sample {counts}, region masks per sample {got}', field='region_masks',
                         hint='one mask per code token in the labels, in order')
-    res.mask_logits = self.decode_masks(h[is_code], counts, pout.features)
+    base = self.code_queries(input_ids[is_code], is_code.nonzero()[:, 0], ptr, pout.queries) if self.config.run_config.llm.code_residual else None
+    res.mask_logits = self.decode_masks(h[is_code], counts, pout.features, base)
     lg = torch.cat(res.mask_logits).float()                                    # (R, h', w')
     tg = torch.cat([resize_masks(t.to(lg.device), lg.shape[-2:]) for t in region_masks if len(t)])   # (R, h', w') soft
     res.dice_loss, res.bce_loss = dice_loss(lg, tg).mean(), F.binary_cross_entropy_with_logits(lg, tg)
@@ -453,14 +548,15 @@ def generate_codes(self:MedSightForCausalLM,
     B, dev = input_ids.shape[0], input_ids.device
     attn = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
     stop = torch.tensor(stop_ids or self.stop_ids(), device=dev)
-    emb, pout = self.input_embeds(input_ids, pixel_values)
+    emb, pout, ptr = self.input_embeds(input_ids, pixel_values, modality)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)                             # (B, T) left padding aware
     h, cache = self.run_backbone(emb, attn, pos, None, True)
+    ptr = self.pointer_keys(h, ptr)
     h, pos = h[:, -1], pos[:, -1:]                                             # (B, H), (B, 1)
     ids, probs, code_h, code_pos = ([[] for _ in range(B)] for _ in range(4))
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for _ in range(max_new_tokens):
-        lg = self.logits(h).float()                                            # (B, V)
+        lg = self.logits(h, ptr).float()                                       # (B, V)
         if modality is not None: lg = self._bank_mask(lg, modality)
         nxt = torch.multinomial((lg / temperature).softmax(-1), 1, generator=generator)[:, 0] if do_sample else lg.argmax(-1)
         pn = lg.softmax(-1).gather(1, nxt[:, None])[:, 0]
@@ -475,7 +571,12 @@ def generate_codes(self:MedSightForCausalLM,
         if done.all(): break
     counts = [len(c) for c in code_h]
     hs = torch.stack([x for c in code_h for x in c]) if sum(counts) else h[:0]
-    masks = self.decode_masks(hs, counts, pout.features)
+    base = None
+    if self.config.run_config.llm.code_residual:
+        cid = torch.tensor([ids[b][p] for b in range(B) for p in code_pos[b]], dtype=torch.long, device=dev)
+        rows = torch.tensor([b for b in range(B) for _ in code_pos[b]], dtype=torch.long, device=dev)
+        base = self.code_queries(cid, rows, ptr, pout.queries)
+    masks = self.decode_masks(hs, counts, pout.features, base)
     return Generation(ids, probs, code_pos, masks, [bool(d) for d in done])
 
 # %% ../nbs/05_model.ipynb #d82cb49e

@@ -234,10 +234,20 @@ def decode(self:MedSightProcessor, text) -> GroundedAnswer:
 MedSightProcessor.decode = decode
 
 # %% ../nbs/06_processor.ipynb #1aef1b01
-def grounded_dice(answers:list, targets:list) -> list:
-    "Per target mask, the Dice of the answer's region in the same position (0 when the answer has fewer regions)."
+def grounded_dice(answers:list,     # `GroundedAnswer`s with masks
+                  targets:list,     # per answer, its target masks in the reference answer's order
+                  match:bool=False) -> list: # pair regions and targets by Hungarian matching on Dice instead of by order
+    "Per target mask, the Dice of its answer region (by position, or matched); 0 for a target no region answers."
     from medsight.perceiver import dice_score
+    from scipy.optimize import linear_sum_assignment
     out = []
     for a, ts in zip(answers, targets):
-        for j, t in enumerate(ts): out.append(dice_score(a.regions[j].mask, np.asarray(t)) if j < len(a.regions) else 0.0)
+        ts = [np.asarray(t) for t in ts]
+        if not match:
+            out += [dice_score(a.regions[j].mask, t) if j < len(a.regions) else 0.0 for j, t in enumerate(ts)]
+            continue
+        d = np.array([[dice_score(r.mask, t) for r in a.regions] for t in ts]).reshape(len(ts), len(a.regions))   # (targets, regions)
+        best = np.zeros(len(ts))
+        if d.size: ti, ri = linear_sum_assignment(-d); best[ti] = d[ti, ri]
+        out += best.tolist()
     return out

@@ -826,7 +826,8 @@ def llm_spec(cfg:RunConfig, stage:str) -> StageSpec:
     spec = STAGES[stage]
     if stage == '5' and not cfg.llm.lora_r:
         spec = replace(spec, trains=['llm', 'code_tokens', 'proj_v2t', 'proj_t2v'], title='Instruction tuning (full LLM)')
-    return replace(spec, lr_scale={t: sc for t in spec.trains if t in ('code_tokens', 'proj_v2t', 'proj_t2v')})
+    if stage in ('4', '5') and cfg.llm.code_pointer: spec = replace(spec, trains=spec.trains + ['code_pointer'])
+    return replace(spec, lr_scale={t: sc for t in spec.trains if t in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer')})
 
 def attach_lora(model, cfg:RunConfig):
     "Wrap `model.llm` in LoRA adapters (after k-bit preparation when the LLM is 4-bit); no-op if already wrapped."
@@ -920,7 +921,7 @@ def llm_batches(data:dict,            # one split of `load_llm_data`
     return lambda i: processor.collate([data['items'][j] for j in tg(int(i), ng) + (tt(int(i), batch_size - ng) if tt else [])])
 
 # %% ../nbs/07_train.ipynb #8c1adb65
-_KEYS = ('input_ids', 'attention_mask', 'labels', 'pixel_values', 'region_masks')
+_KEYS = ('input_ids', 'attention_mask', 'labels', 'pixel_values', 'region_masks', 'modality')
 
 def llm_loss(model, batch:dict) -> dict:
     "LM + λ(Dice + BCE) through `MedSightForCausalLM.forward`; parts for logging (Dice/BCE 0 without codes)."
@@ -935,12 +936,12 @@ def _named(text:str, vocab:list) -> set:
 
 @torch.no_grad()
 def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_size:int=16) -> dict:
-    "Loss, grounded Dice, code accuracy and diagnosis accuracy on the first `n` samples of a split."
+    "Loss, grounded Dice (by order and matched), code accuracy and diagnosis accuracy on the first `n` samples of a split, overall and per task."
     from medsight.processor import grounded_dice
     idx = [i for i in range(len(data['samples'])) if data['items'][i] is not None][:n]
     dev = model.code_tokens.inp.device
     diags = list(data['info'].get('diagnoses', []))
-    losses, dice, code_ok, code_n, dg = [], [], 0, 0, []
+    losses, tasks = [], {}
     for s in range(0, len(idx), batch_size):
         part = idx[s:s + batch_size]
         b = to_device(processor.collate([data['items'][i] for i in part]), dev)
@@ -949,18 +950,23 @@ def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_
         q = [x['conversations'][0]['content'] for x in smp]
         answers = model.generate_grounded([x['image'] for x in smp], q, processor=processor, max_new_tokens=max_new_tokens)
         for i, x, a in zip(part, smp, answers):
+            t = tasks.setdefault(x.get('task') or 'other', dict(dice=[], dice_matched=[], code=[], diagnosis=[]))
             ref = x['conversations'][1]['content']
             order = [int(r) for r in re.findall(r'<region:(\d+)>', ref)]
             if order and all(data['codes'][i][r] is not None for r in order):
-                dice += grounded_dice([a], [[x['regions'][r]['mask'] for r in order]])
+                masks = [[x['regions'][r]['mask'] for r in order]]
+                t['dice'] += grounded_dice([a], masks); t['dice_matched'] += grounded_dice([a], masks, match=True)
                 want = [code_token(*data['codes'][i][r]) for r in order]
-                code_ok += sum(j < len(a.regions) and a.regions[j].token == w for j, w in enumerate(want)); code_n += len(want)
+                t['code'] += [j < len(a.regions) and a.regions[j].token == w for j, w in enumerate(want)]
             if x.get('task') == 'diagseg':
                 ans = {d.strip() for d in x.get('answer', '').split(',') if d.strip() and d.strip() != 'none'}
-                dg.append(_named(a.text, diags) == ans)
+                t['diagnosis'].append(_named(a.text, diags) == ans)
     mean = lambda v: float(np.mean(v)) if len(v) else None
-    return dict(loss=sum(losses) / max(len(idx), 1), dice=mean(dice), code_acc=code_ok / code_n if code_n else None,
-                diagnosis_acc=mean(dg), n=len(idx), n_regions=len(dice), n_diagnosis=len(dg))
+    pool = lambda k: [v for t in tasks.values() for v in t[k]]
+    per_task = {k: dict(dice=mean(t['dice']), code_acc=mean(t['code']), n_regions=len(t['dice'])) for k, t in sorted(tasks.items()) if t['dice']}
+    return dict(loss=sum(losses) / max(len(idx), 1), dice=mean(pool('dice')), dice_matched=mean(pool('dice_matched')),
+                code_acc=mean(pool('code')), diagnosis_acc=mean(pool('diagnosis')), n=len(idx), n_regions=len(pool('dice')),
+                n_diagnosis=len(pool('diagnosis')), per_task=per_task)
 
 # %% ../nbs/07_train.ipynb #5780204c
 def train_llm_stage(cfg:RunConfig,      # the run config

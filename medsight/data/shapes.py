@@ -409,6 +409,13 @@ def _draw_lesion(img, les, modality, rng, cfg, ctx):
         img[_below(m) & ctx['fan']] *= 1.35 if d == 'cyst' else .3                 # enhancement / acoustic shadow
     return m
 
+def _cx(m): return float(np.nonzero(m)[1].mean())
+
+def _left_to_right(items, name, mask):
+    "Items grouped by kind (kinds in first-seen order), each kind's instances sorted by their mask's centroid x."
+    kinds = list(dict.fromkeys(name(i) for i in items))
+    return [i for k in kinds for i in sorted((i for i in items if name(i) == k), key=lambda i: _cx(mask(i)))]
+
 # %% ../../nbs/01c_data.shapes.ipynb #245f84f9
 def make_scene(rng,                   # a numpy Generator: the only source of randomness
                modality:str,          # one of `MODALITIES` (aliases allowed)
@@ -424,7 +431,8 @@ def make_scene(rng,                   # a numpy Generator: the only source of ra
     for les in lesions: _draw_lesion(img, les, modality, rng, cfg, ctx)
     img = np.clip(finish(img, rng, cfg, ctx), 0, 1)
     img = np.rint(img * 255).astype(np.uint8).astype(np.float32) / 255        # exactly what PNG stores
-    structs = [(n, m) for n, m in structs if m.any()]
+    structs = _left_to_right([(n, m) for n, m in structs if m.any()], lambda s: s[0], lambda s: s[1])
+    lesions = sorted(lesions, key=lambda l: _cx(l['mask']))                   # instances of a kind read left to right
     regions = [dict(name=n, mask=m, label=None) for n, m in structs] + \
               [dict(name=LESION, mask=l['mask'], label=l['diagnosis']) for l in lesions]
     return dict(image=img, modality=modality, regions=regions, hosts=[None] * len(structs) + [l['host'] for l in lesions])
