@@ -148,9 +148,10 @@ def train_cmd(data:str=None,        # a grounded dataset directory (`medsight da
     bad = [s for s in stages if s not in AVAILABLE_STAGES]
     if bad: raise ConfigError(f'there is no stage {bad[0]}', field='--stage', hint=f'stages: {", ".join(AVAILABLE_STAGES)} or all')
     pre = load_region_data(data, cfg.vision.image_size) if any(s in ('1', '2') for s in stages) else None
+    cache = {}                                                     # stages 3–5 encode the conversations once
     for st in stages:
         if st in ('1', '2'): m = train_region_stage(cfg, data, out, st, progress=not quiet, datasets=pre)
-        else: m = train_llm_stage(cfg, out, st, data, progress=not quiet)
+        else: m = train_llm_stage(cfg, out, st, data, progress=not quiet, cache=cache)
         print(f"[train] stage {st}: {m['steps']} steps in {m['wall_s']:.0f}s ({m['samples_per_s']:.1f} samples/s), val {_fmt_val(m['val'])}", flush=True)
         if st == '2' and not (out/'stage2'/'code_labels.json').exists():
             lab = write_code_labels(out, datasets=pre)

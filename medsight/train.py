@@ -925,7 +925,7 @@ _KEYS = ('input_ids', 'attention_mask', 'labels', 'pixel_values', 'region_masks'
 
 def llm_loss(model, batch:dict) -> dict:
     "LM + λ(Dice + BCE) through `MedSightForCausalLM.forward`; parts for logging (Dice/BCE 0 without codes)."
-    out = model(**{k: batch[k] for k in _KEYS})
+    out = model(**{k: batch[k] for k in _KEYS if k in batch})             # `modality` is optional (None: predicted)
     z = out.loss.new_zeros(())
     return dict(loss=out.loss, lm=out.lm_loss, dice=out.dice_loss if out.dice_loss is not None else z,
                 bce=out.bce_loss if out.bce_loss is not None else z)
@@ -976,6 +976,7 @@ def train_llm_stage(cfg:RunConfig,      # the run config
                     progress:bool=True, # progress bar
                     data:dict=None,     # preloaded `load_llm_data` output
                     model=None,         # a model from `load_llm_model(run, cfg, upto=stage)` to reuse
+                    cache:dict=None,    # a dict kept across stages: the encoded data is stored there once and reused
                     **kwargs) -> dict:  # passed to `fit` (stop_at, ckpt_every, …)
     "Train LLM stage 3, 4 or 5 of a run; return the stage's metrics."
     from medsight.core import save_config
@@ -989,7 +990,8 @@ def train_llm_stage(cfg:RunConfig,      # the run config
     model = model or load_llm_model(run, cfg, upto=stage)
     if stage == '5': attach_lora(model, cfg)
     proc = MedSightProcessor.from_model(model, max_length=cfg.llm.max_length)
-    data = data or load_llm_data(run, data_dir, proc)
+    data = data or (cache or {}).get('data') or load_llm_data(run, data_dir, proc)   # the same items in every LLM stage
+    if cache is not None: cache['data'] = data
     save_config(cfg, run/'config.json')
     pool, mix = {'3': ('text', None), '4': ('grounding', None), '5': ('all', cfg.train.grounding_mix)}[stage]
     val = data.get('val') or data.get('test')

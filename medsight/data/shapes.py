@@ -409,6 +409,7 @@ def _draw_lesion(img, les, modality, rng, cfg, ctx):
         img[_below(m) & ctx['fan']] *= 1.35 if d == 'cyst' else .3                 # enhancement / acoustic shadow
     return m
 
+# %% ../../nbs/01c_data.shapes.ipynb #245f84f9
 def _cx(m): return float(np.nonzero(m)[1].mean())
 
 def _left_to_right(items, name, mask):
@@ -416,7 +417,6 @@ def _left_to_right(items, name, mask):
     kinds = list(dict.fromkeys(name(i) for i in items))
     return [i for k in kinds for i in sorted((i for i in items if name(i) == k), key=lambda i: _cx(mask(i)))]
 
-# %% ../../nbs/01c_data.shapes.ipynb #245f84f9
 def make_scene(rng,                   # a numpy Generator: the only source of randomness
                modality:str,          # one of `MODALITIES` (aliases allowed)
                cfg:MedShapesConfig=None, # size and knobs; default `MedShapesConfig()`
