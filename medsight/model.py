@@ -226,7 +226,8 @@ class MedSightForCausalLM(PreTrainedModel):
         H = tc.hidden_size
         self.proj_v2t = VisionToText(self.encoder.dim, cfg.perceiver.dim, H, n_evidence=len(config.classes) + 5 if cfg.llm.region_evidence else 0)
         self.proj_t2v = nn.Sequential(nn.Linear(H, H), nn.GELU(), nn.Linear(H, cfg.perceiver.dim))
-        if cfg.llm.code_residual:                                   # start as the code's own decoding; the LLM state refines it
+        self.code_residual = cfg.llm.code_residual                  # read once: `config.run_config` rebuilds a RunConfig
+        if self.code_residual:                                      # start as the code's own decoding; the LLM state refines it
             nn.init.zeros_(self.proj_t2v[-1].weight); nn.init.zeros_(self.proj_t2v[-1].bias)
         self.code_tokens = CodeTokens(1 + self.codebook.M * self.codebook.K, H, tied=bool(tc.tie_word_embeddings))
         self.code_pointer = CodePointer(H, cfg.llm.pointer_dim) if cfg.llm.code_pointer else None
@@ -373,12 +374,12 @@ def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:
         raise DataError(f'each sequence needs exactly {vis.shape[1]} <image> tokens (patches + regions), got {n.tolist()}',
                         field='input_ids', hint='build inputs with MedSightProcessor, which expands <image>')
     ptr = None
-    if self.code_pointer is not None or self.config.run_config.llm.code_residual:
+    if self.code_pointer is not None or self.code_residual:
         B, N, K = len(input_ids), self.perceiver.n_queries, self.codebook.K
         pos = is_img.nonzero()[:, 1].view(B, -1)[:, -N:]                                  # (B, N) region positions
         with torch.no_grad():
             m, _, _ = self.codebook.resolve_modality(modality, cls, B)                     # (B,) bank
-            k = self.codebook.encode(pout.queries, m, cls=cls)                             # (B, N) code in bank
+            k = self.codebook.encode(pout.queries, m)                                      # (B, N) code in bank (m is resolved)
         ptr = PointerContext(pos, (m.to(k.device)[:, None] * K + k).to(emb.device))
     return emb.masked_scatter(is_img[..., None], vis.to(emb.dtype)), pout, ptr
 
@@ -462,7 +463,7 @@ def forward(self:MedSightForCausalLM,
     if (got := [len(m) for m in region_masks]) != counts:
         raise DataError(f'supervised code tokens per sample {counts}, region masks per sample {got}', field='region_masks',
                         hint='one mask per code token in the labels, in order')
-    base = self.code_queries(input_ids[is_code], is_code.nonzero()[:, 0], ptr, pout.queries) if self.config.run_config.llm.code_residual else None
+    base = self.code_queries(input_ids[is_code], is_code.nonzero()[:, 0], ptr, pout.queries) if self.code_residual else None
     res.mask_logits = self.decode_masks(h[is_code], counts, pout.features, base)
     lg = torch.cat(res.mask_logits).float()                                    # (R, h', w')
     tg = torch.cat([resize_masks(t.to(lg.device), lg.shape[-2:]) for t in region_masks if len(t)])   # (R, h', w') soft
@@ -572,7 +573,7 @@ def generate_codes(self:MedSightForCausalLM,
     counts = [len(c) for c in code_h]
     hs = torch.stack([x for c in code_h for x in c]) if sum(counts) else h[:0]
     base = None
-    if self.config.run_config.llm.code_residual:
+    if self.code_residual:
         cid = torch.tensor([ids[b][p] for b in range(B) for p in code_pos[b]], dtype=torch.long, device=dev)
         rows = torch.tensor([b for b in range(B) for _ in code_pos[b]], dtype=torch.long, device=dev)
         base = self.code_queries(cid, rows, ptr, pout.queries)

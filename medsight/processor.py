@@ -13,7 +13,8 @@ from .vision import letterbox, to_image_tensor
 from .model import CHATML, IMAGE_TOKEN, GroundedAnswer, Region
 
 # %% auto #0
-__all__ = ['MedSightProcessor', 'images', 'masks', 'encode', 'collate', 'prompt', 'decode', 'grounded_dice']
+__all__ = ['MedSightProcessor', 'images', 'masks', 'encode', 'collate', 'prompt', 'decode', 'region_dice', 'grounded_dice',
+           'dice_scores']
 
 # %% ../nbs/06_processor.ipynb #a230c50c
 class MedSightProcessor:
@@ -234,20 +235,24 @@ def decode(self:MedSightProcessor, text) -> GroundedAnswer:
 MedSightProcessor.decode = decode
 
 # %% ../nbs/06_processor.ipynb #1aef1b01
+def region_dice(answer, targets:list) -> np.ndarray: # a `GroundedAnswer`, its target masks in order
+    "Dice of every target (rows) against every region of the answer (columns): (T, R)."
+    from medsight.perceiver import dice_score
+    return np.array([[dice_score(r.mask, np.asarray(t)) for r in answer.regions] for t in targets]).reshape(len(targets), len(answer.regions))
+
 def grounded_dice(answers:list,     # `GroundedAnswer`s with masks
                   targets:list,     # per answer, its target masks in the reference answer's order
                   match:bool=False) -> list: # pair regions and targets by Hungarian matching on Dice instead of by order
     "Per target mask, the Dice of its answer region (by position, or matched); 0 for a target no region answers."
-    from medsight.perceiver import dice_score
+    return [v for a, ts in zip(answers, targets) for v in dice_scores(region_dice(a, ts), match)]
+
+def dice_scores(d:np.ndarray, match:bool=False) -> list: # (T, R) from `region_dice`
+    "Per target, its Dice by position (target j ↔ region j) or after Hungarian matching; 0 where no region answers."
     from scipy.optimize import linear_sum_assignment
-    out = []
-    for a, ts in zip(answers, targets):
-        ts = [np.asarray(t) for t in ts]
-        if not match:
-            out += [dice_score(a.regions[j].mask, t) if j < len(a.regions) else 0.0 for j, t in enumerate(ts)]
-            continue
-        d = np.array([[dice_score(r.mask, t) for r in a.regions] for t in ts]).reshape(len(ts), len(a.regions))   # (targets, regions)
-        best = np.zeros(len(ts))
-        if d.size: ti, ri = linear_sum_assignment(-d); best[ti] = d[ti, ri]
-        out += best.tolist()
+    best = np.zeros(d.shape[0])
+    if not match:
+        n = min(d.shape); best[:n] = d[np.arange(n), np.arange(n)]
+    elif d.size:
+        ti, ri = linear_sum_assignment(-d); best[ti] = d[ti, ri]
+    return best.tolist()
     return out

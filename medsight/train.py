@@ -937,7 +937,7 @@ def _named(text:str, vocab:list) -> set:
 @torch.no_grad()
 def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_size:int=16) -> dict:
     "Loss, grounded Dice (by order and matched), code accuracy and diagnosis accuracy on the first `n` samples of a split, overall and per task."
-    from medsight.processor import grounded_dice
+    from medsight.processor import region_dice, dice_scores
     idx = [i for i in range(len(data['samples'])) if data['items'][i] is not None][:n]
     dev = model.code_tokens.inp.device
     diags = list(data['info'].get('diagnoses', []))
@@ -954,8 +954,8 @@ def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_
             ref = x['conversations'][1]['content']
             order = [int(r) for r in re.findall(r'<region:(\d+)>', ref)]
             if order and all(data['codes'][i][r] is not None for r in order):
-                masks = [[x['regions'][r]['mask'] for r in order]]
-                t['dice'] += grounded_dice([a], masks); t['dice_matched'] += grounded_dice([a], masks, match=True)
+                d = region_dice(a, [x['regions'][r]['mask'] for r in order])                 # (targets, regions), once
+                t['dice'] += dice_scores(d); t['dice_matched'] += dice_scores(d, match=True)
                 want = [code_token(*data['codes'][i][r]) for r in order]
                 t['code'] += [j < len(a.regions) and a.regions[j].token == w for j, w in enumerate(want)]
             if x.get('task') == 'diagseg':
