@@ -10,7 +10,7 @@ from .core import MedSightError, ConfigError, get_preset, config_from_dict, load
 
 # %% auto #0
 __all__ = ['COMMANDS', 'AVAILABLE_STAGES', 'command', 'main', 'config_cmd', 'data_shapes', 'data_brain', 'data_convert',
-           'train_cmd', 'bench_cmd', 'codebook_report_cmd', 'demo']
+           'train_cmd', 'bench_cmd', 'codebook_report_cmd', 'eval_cmd', 'baseline_unet', 'demo']
 
 # %% ../nbs/10_cli.ipynb #a2fd8d89
 COMMANDS = {}
@@ -33,6 +33,12 @@ def _usage() -> str:
     lines += [f'  {n.ljust(width)}  {(f.__doc__ or "").splitlines()[0]}' for n, f in sorted(COMMANDS.items())]
     return '\n'.join(lines)
 
+def _option_name(a:str) -> str:
+    "`--budget-s=3` → `--budget_s=3`: option names may use dashes; values are left alone."
+    if not a.startswith('--') or len(a) < 3: return a
+    name, eq, val = a[2:].partition('=')
+    return '--' + name.replace('-', '_') + eq + val
+
 def main(argv:list=None) -> int:
     "Entry point of the `medsight` command; returns the exit status."
     from fastcore.script import anno_parser
@@ -43,6 +49,7 @@ def main(argv:list=None) -> int:
         if argv and argv[0] not in ('-h', '--help'): print(f'\nmedsight: error: unknown command {" ".join(argv[:2])!r}', file=sys.stderr); return 2
         return 0
     fn = COMMANDS[match]
+    argv = argv[:len(match.split())] + [_option_name(a) for a in argv[len(match.split()):]]
     parser = anno_parser(fn, prog=f'medsight {match}')
     args = vars(parser.parse_args(argv[len(match.split()):]))
     args.pop('pdb', None); args.pop('xtra', None)
@@ -181,6 +188,44 @@ def codebook_report_cmd(run:str=None,   # a run with stages 1 and 2
     run = _need(run, '--run')
     rep = codebook_report(run, _need(data, '--data'), out or Path(run)/'codebook_report', split=split)
     print(json.dumps({k: rep[k] for k in ('dice_continuous', 'dice_quantized', 'dice_control', 'codes_used_frac', 'purity')}, indent=1))
+
+# %% ../nbs/10_cli.ipynb #f4032bea
+@command('eval')
+def eval_cmd(run:str=None,             # a run with stages 1–5 finished
+             data:str=None,            # the grounded dataset to answer
+             split:str='test',         # its split
+             out:str=None,             # output directory (default RUN/eval_SPLIT)
+             n:int=None,               # only the first N questions
+             max_new_tokens:int=64,    # generation budget per answer
+             batch_size:int=16,        # questions per generation batch
+             seed:int=0,               # random seed (decoding is greedy either way)
+             no_regions:bool=False,    # skip the perceiver/codebook figures and the fixed-query control
+             quiet:bool=False):        # no progress bar
+    "Answer a split with a trained run and score masks and text: metrics.json, report.md, predictions.jsonl, figures."
+    from medsight.eval import evaluate_run
+    run = _need(run, '--run')
+    out = Path(out) if out else Path(run)/f'eval_{split}'
+    m = evaluate_run(run, _need(data, '--data'), split, out, n, max_new_tokens, batch_size, seed, regions=not no_regions, progress=not quiet)
+    keys = ('dice', 'dice_matched', 'dice_union', 'diagnosis_recall', 'closed_acc', 'open_recall', 'n')
+    print(json.dumps({k: m['overall'][k] for k in keys}))
+    print(f'[eval] wrote {out}/metrics.json, report.md, predictions.jsonl and figures/', file=sys.stderr)
+
+# %% ../nbs/10_cli.ipynb #10428cd7
+@command('baseline unet')
+def baseline_unet(data:str=None,        # the grounded dataset
+                  out:str=None,         # output directory (default RUN/baseline_unet, or baseline_unet)
+                  budget_s:float=None,  # training budget in seconds (default: the wall time of --run's stages 1–5)
+                  run:str=None,         # a medsight run to take the budget from and compare with
+                  predictions:str=None, # medsight's predictions.jsonl (default RUN/eval_SPLIT/predictions.jsonl)
+                  split:str='test',     # split to score
+                  seed:int=0,           # random seed
+                  quiet:bool=False):    # no progress bar
+    "Train a class-wise MONAI UNet for the same CPU budget and compare its Dice with medsight's on the questions it can answer."
+    from medsight.eval import unet_baseline
+    out = Path(out) if out else (Path(run)/'baseline_unet' if run else Path('baseline_unet'))
+    m = unet_baseline(_need(data, '--data'), out, budget_s, run, predictions, split, progress=not quiet, seed=seed)
+    print(json.dumps({**m['overall'], **({'vs_medsight': m['compare']['overall']} if 'compare' in m else {})}))
+    print(f'[baseline] wrote {out}/metrics.json and report.md', file=sys.stderr)
 
 # %% ../nbs/10_cli.ipynb #d8d03d1b
 def _dataset_table(info) -> str:
