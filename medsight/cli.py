@@ -10,7 +10,7 @@ from .core import MedSightError, ConfigError, get_preset, config_from_dict, load
 
 # %% auto #0
 __all__ = ['COMMANDS', 'AVAILABLE_STAGES', 'command', 'main', 'config_cmd', 'data_shapes', 'data_brain', 'data_convert',
-           'train_cmd', 'bench_cmd', 'codebook_report_cmd', 'eval_cmd', 'baseline_unet', 'demo']
+           'train_cmd', 'bench_cmd', 'codebook_report_cmd', 'eval_cmd', 'baseline_unet', 'ablate_cmd', 'demo']
 
 # %% ../nbs/10_cli.ipynb #a2fd8d89
 COMMANDS = {}
@@ -157,6 +157,8 @@ def train_cmd(data:str=None,        # a grounded dataset directory (`medsight da
     pre = load_region_data(data, cfg.vision.image_size) if any(s in ('1', '2') for s in stages) else None
     cache = {}                                                     # stages 3–5 encode the conversations once
     for st in stages:
+        if st in ('3', '4') and not cfg.train.progressive:
+            print(f'[train] stage {st}: merged into stage 5 (train.progressive=false)', flush=True); continue
         if st in ('1', '2'): m = train_region_stage(cfg, data, out, st, progress=not quiet, datasets=pre)
         else: m = train_llm_stage(cfg, out, st, data, progress=not quiet, cache=cache)
         print(f"[train] stage {st}: {m['steps']} steps in {m['wall_s']:.0f}s ({m['samples_per_s']:.1f} samples/s), val {_fmt_val(m['val'])}", flush=True)
@@ -226,6 +228,25 @@ def baseline_unet(data:str=None,        # the grounded dataset
     m = unet_baseline(_need(data, '--data'), out, budget_s, run, predictions, split, progress=not quiet, seed=seed)
     print(json.dumps({**m['overall'], **({'vs_medsight': m['compare']['overall']} if 'compare' in m else {})}))
     print(f'[baseline] wrote {out}/metrics.json and report.md', file=sys.stderr)
+
+# %% ../nbs/10_cli.ipynb #fd32bb8e
+@command('ablate')
+def ablate_cmd(data:str=None,            # the grounded dataset
+               out:str=None,             # output directory (one run per row, plus ablations.json / .md)
+               preset:str='tiny',        # the preset the rows start from
+               names:str=None,           # comma-separated rows (default: all)
+               base_run:str=None,        # share this run's stages 1–2 instead of training them
+               llm_steps_scale:float=1.0,# scale the steps of stages 3–5
+               n:int=200,                # validation questions scored per row
+               set:str=None,             # further config overrides for every row
+               quiet:bool=False):        # no progress bars
+    "Run the paper's ablations in miniature (region tokens, codebook vs one token, progressive stages, codebook size) and tabulate them."
+    from medsight.eval import ablate
+    out = Path(_need(out, '--out'))
+    rows = ablate(_need(data, '--data'), out, preset, names.split(',') if names else None, base_run, llm_steps_scale, n,
+                  _split_overrides(set) if set else None, progress=not quiet)
+    for r in rows: print(json.dumps({k: r[k] for k in ('name', 'dice', 'diagnosis_recall', 'closed_acc', 'wall_s')}))
+    print(f'[ablate] wrote {out}/ablations.json and ablations.md', file=sys.stderr)
 
 # %% ../nbs/10_cli.ipynb #d8d03d1b
 def _dataset_table(info) -> str:

@@ -189,6 +189,9 @@ class LLMConfig:
     pointer_dim:int = 128        # width of the pointer's query/key projections
     region_evidence:bool = False # region tokens also carry the perceiver's class probabilities and their mask's centre and size (ours)
     code_residual:bool = False   # a code token's mask query starts from its region's query (else W_m(code)), P_t→v adds to it (ours)
+    name_pointer:bool = False    # class-name words (one-token names) get log(α + p(class | the region the pointer points at)) (ours; needs code_pointer)
+    name_floor:float = 0.1       # α: the name pointer's floor, so a word for no region on the image costs at most log α
+    region_tokens:bool = True    # the LLM sees the perceiver's region tokens after the patch tokens (False: patch tokens only; an ablation)
 
 @dataclass
 class TrainConfig:
@@ -206,6 +209,7 @@ class TrainConfig:
     grounding_mix:float|None = None # stage 5: share of grounding samples per batch (None: as in the data)
     val_samples:int = 64         # stages 3–5: validation samples generated at the end of a stage
     max_new_tokens:int = 48      # generation budget for validation
+    progressive:bool = True      # stages 3, 4 and 5 in turn (False: stage 5 alone from stage 2, with the steps of all three; an ablation)
 
 # %% ../nbs/00_core.ipynb #30979c08
 @dataclass
@@ -268,9 +272,9 @@ def _paper_vision(): return VisionConfig(kind='clip', path='openai/clip-vit-larg
                                          mean=(0.4815, 0.4578, 0.4082), std=(0.2686, 0.2613, 0.2758))
 PRESETS = {
     'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(image_skip=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
-                       llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True), train=TrainConfig(steps={'1': 600, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0)),
+                       llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True), train=TrainConfig(steps={'1': 600, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0)),
     'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
-                       llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True),
+                       llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True),
                        train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 600, '2': 300, '3': 60, '4': 150, '5': 600})),
     'paper': RunConfig(preset='paper', vision=_paper_vision(),
                        perceiver=PerceiverConfig(n_queries=20, dim=256, heads=8, stages=3, mask_size=192),

@@ -20,8 +20,8 @@ from .vision import unletterbox
 # %% auto #0
 __all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'bnb_config', 'tiny_llm_config', 'load_llm',
            'MedSightConfig', 'VisionToText', 'CodeTokens', 'region_evidence', 'CodePointer', 'PointerContext',
-           'MedSightOutput', 'MedSightForCausalLM', 'build_medsight', 'token_kinds', 'plot_token_layout', 'Generation',
-           'Region', 'GroundedAnswer']
+           'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'token_kinds',
+           'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
 
 # %% ../nbs/05_model.ipynb #7345902a
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -189,8 +189,10 @@ class PointerContext:
     pos:torch.Tensor            # (B, N) sequence positions of the region tokens
     codes:torch.Tensor          # (B, N) code column (bank · K + code) of each region token's quantised query
     keys:torch.Tensor = None    # (B, N, P) pointer keys from the LLM's last states at those positions
+    cls:torch.Tensor = None     # (B, N, C) each region's class probabilities, for the name pointer (None: off)
     def take(self, rows):       # the context of the rows `rows` (one per selected position)
-        return PointerContext(self.pos[rows], self.codes[rows], None if self.keys is None else self.keys[rows])
+        pick = lambda t: None if t is None else t[rows]
+        return PointerContext(self.pos[rows], self.codes[rows], pick(self.keys), pick(self.cls))
 
 # %% ../nbs/05_model.ipynb #d90c3f67
 @dataclass
@@ -231,6 +233,13 @@ class MedSightForCausalLM(PreTrainedModel):
             nn.init.zeros_(self.proj_t2v[-1].weight); nn.init.zeros_(self.proj_t2v[-1].bias)
         self.code_tokens = CodeTokens(1 + self.codebook.M * self.codebook.K, H, tied=bool(tc.tie_word_embeddings))
         self.code_pointer = CodePointer(H, cfg.llm.pointer_dim) if cfg.llm.code_pointer else None
+        self.region_tokens, self.name_floor = cfg.llm.region_tokens, cfg.llm.name_floor
+        if cfg.llm.name_pointer and not cfg.llm.code_pointer:
+            raise ConfigError('the name pointer reuses the code pointer', field='llm.name_pointer', hint='set llm.code_pointer=true too, or llm.name_pointer=false')
+        self.register_buffer('name_ids', torch.full((len(config.classes) if cfg.llm.name_pointer else 0,), -1), persistent=False)
+        if not self.region_tokens and (cfg.llm.code_pointer or cfg.llm.region_evidence):
+            raise ConfigError('the code pointer and region evidence work on region tokens', field='llm.region_tokens',
+                              hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false')
 
 # %% ../nbs/05_model.ipynb #f5b32c8a
 @patch(as_prop=True)
@@ -241,8 +250,8 @@ def code_start(self:MedSightForCausalLM) -> int: return self.config.first_new_id
 def vocab_size(self:MedSightForCausalLM) -> int: return self.code_start + self.codebook.M * self.codebook.K
 @patch(as_prop=True)
 def n_visual(self:MedSightForCausalLM) -> int:
-    "Tokens one `<image>` stands for: h·w patches + N regions."
-    return self.encoder.grid ** 2 + self.perceiver.n_queries
+    "Tokens one `<image>` stands for: h·w patches + N regions (patches only with `llm.region_tokens=False`)."
+    return self.encoder.grid ** 2 + (self.perceiver.n_queries if self.region_tokens else 0)
 
 @patch
 def code_id(self:MedSightForCausalLM, m:int, k:int) -> int: return self.code_start + m * self.codebook.K + k
@@ -260,6 +269,12 @@ def _base_lm(self:MedSightForCausalLM):
 
 # %% ../nbs/05_model.ipynb #d55541b7
 IMAGE_TOKEN = '<image>'
+
+def name_token_ids(tokenizer, classes:list) -> torch.Tensor:
+    "Per class, the id of its name when the name is one token (with its leading space), else −1; (C,)."
+    ids = [tokenizer.encode(' ' + c, add_special_tokens=False) for c in classes]
+    one = [t[0] if len(t) == 1 else -1 for t in ids]
+    return torch.tensor([i if i >= 0 and one.count(i) == 1 else -1 for i in one])
 
 @patch
 def extend_vocab(self:MedSightForCausalLM, tokenizer) -> dict:
@@ -282,6 +297,7 @@ def extend_vocab(self:MedSightForCausalLM, tokenizer) -> dict:
                           hint='start from the LLM\'s own tokenizer')
     self.config.first_new_id, self.tokenizer = first, tokenizer
     self.init_code_rows()
+    if len(self.name_ids): self.name_ids.copy_(name_token_ids(tokenizer, self.config.classes))
     return dict(image=first, codes=list(range(first + 1, first + len(new))))
 
 @patch
@@ -338,16 +354,28 @@ def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) ->
     "Next-token logits over the extended vocabulary (`<image>` never wins); with `ptr`, code logits + log p(code | pointer)."
     base = self._base_lm().get_output_embeddings()(h)[..., :self.config.first_new_id]    # (…, V0)
     new = h @ self.code_tokens.out_rows()[1:].to(h.dtype).T                             # (…, M·K)
-    if ptr is not None and ptr.keys is not None: new = new + self.pointer_logprobs(h, ptr).to(new.dtype)
+    if ptr is not None and ptr.keys is not None:
+        p = self.code_pointer(h, ptr.keys).float().softmax(-1)                           # (…, N) where the pointer points
+        new = new + self.pointer_logprobs(h, ptr, p=p).to(new.dtype)
+        if ptr.cls is not None and len(self.name_ids): base = base + self.name_bias(p, ptr).to(base.dtype)
     return torch.cat([base, torch.full_like(new[..., :1], torch.finfo(new.dtype).min), new], -1)
 
 @patch
-def pointer_logprobs(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext, eps:float=1e-6) -> torch.Tensor:
+def pointer_logprobs(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext, eps:float=1e-6, p=None) -> torch.Tensor:
     "log p(code) of pointing at the region tokens: softmax over the N regions, summed per code; codes of no region get log ε."
-    p = self.code_pointer(h, ptr.keys).float().softmax(-1)                 # (…, N)
+    if p is None: p = self.code_pointer(h, ptr.keys).float().softmax(-1)   # (…, N)
     codes = ptr.codes if p.dim() == ptr.codes.dim() else ptr.codes[:, None].expand_as(p)
     pc = p.new_zeros(*p.shape[:-1], self.codebook.M * self.codebook.K).scatter_add_(-1, codes, p)   # (…, M·K)
     return (pc + eps).log()
+
+@patch
+def name_bias(self:MedSightForCausalLM, p:torch.Tensor, ptr:PointerContext) -> torch.Tensor: # (…, N) pointer probabilities
+    "Name pointer: log(α + Σ_j p_j · p(class | region j)) on each one-token class name, 0 elsewhere: (…, V0)."
+    cls = ptr.cls.float()
+    pc = p @ cls if p.dim() == cls.dim() else (p.unsqueeze(-2) @ cls).squeeze(-2)  # (B, T, N)·(B, N, C) or (S, N)·(S, N, C) → (…, C)
+    ok = self.name_ids >= 0
+    bias = p.new_zeros(*p.shape[:-1], self.config.first_new_id)
+    return bias.index_add(-1, self.name_ids[ok], (self.name_floor + pc[..., ok]).log())
 
 # %% ../nbs/05_model.ipynb #dda948eb
 @patch
@@ -359,6 +387,7 @@ def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3,
         out = self.perceiver(grid, pixel_values)                   # queries (B, N, Dq)
     patches = grid.flatten(2).transpose(1, 2)                      # (B, h·w, D)
     ev = region_evidence(out.class_logits[-1], out.mask_logits[-1]).detach() if self.proj_v2t.evidence is not None else None
+    if not self.region_tokens: return self.proj_v2t.patches(patches), out, cls        # the ablation: (B, h·w, H)
     return torch.cat([self.proj_v2t.patches(patches), self.proj_v2t.regions(out.queries, ev)], 1), out, cls
 
 @patch
@@ -381,6 +410,7 @@ def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:
             m, _, _ = self.codebook.resolve_modality(modality, cls, B)                     # (B,) bank
             k = self.codebook.encode(pout.queries, m)                                      # (B, N) code in bank (m is resolved)
         ptr = PointerContext(pos, (m.to(k.device)[:, None] * K + k).to(emb.device))
+        if len(self.name_ids): ptr.cls = pout.class_logits[-1].detach().float().softmax(-1)[..., :-1].to(emb.device)   # (B, N, C)
     return emb.masked_scatter(is_img[..., None], vis.to(emb.dtype)), pout, ptr
 
 @patch
@@ -742,6 +772,7 @@ def from_pretrained(cls:MedSightForCausalLM,
         raise CheckpointError(f'model.safetensors does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})',
                               path=path/'model.safetensors', hint='was it saved with another codebook size or preset?')
     model.tokenizer = tok
+    if len(model.name_ids): model.name_ids.copy_(name_token_ids(tok, conf.classes))     # a buffer rebuilt from the tokenizer
     if len(tok) != model.vocab_size:
         raise CheckpointError(f'the tokenizer has {len(tok)} tokens, the model {model.vocab_size}', path=path, field='tokenizer')
     return (model.to(device) if device else model).eval()

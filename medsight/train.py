@@ -21,7 +21,7 @@ __all__ = ['STAGES', 'ARCHS', 'StageSpec', 'apply_freeze', 'set_train_mode', 'pa
            'to_device', 'batch_len', 'model_tensors', 'save_checkpoint', 'verify_checkpoint', 'find_checkpoint',
            'load_weights', 'load_checkpoint', 'init_distributed', 'TrainError', 'Trainer', 'read_metrics',
            'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches', 'load_region_data',
-           'load_region_model', 'region_spec', 'region_val', 'train_region_stage', 'write_code_labels',
+           'stage1_skip', 'load_region_model', 'region_spec', 'region_val', 'train_region_stage', 'write_code_labels',
            'codebook_report', 'llm_spec', 'attach_lora', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss',
            'llm_val', 'train_llm_stage', 'random_llm', 'bench']
 
@@ -303,13 +303,14 @@ def _weights_file(path) -> Path:
 
 def load_weights(model:nn.Module,   # the model to copy weights into (in place)
                  path,              # a run directory, a checkpoint directory or a .safetensors file
-                 required=None      # names that must be in the file (default: none)
+                 required=None,     # names that must be in the file (default: none)
+                 skip:tuple=()      # name prefixes to leave as they are (not checked, not copied)
                 ) -> list:
     "Copy the tensors of a checkpoint's `model.safetensors` into `model` after checking names and shapes; return the names."
     from safetensors.torch import load_file
     f = _weights_file(path)
     if not f.exists(): raise CheckpointError('no model.safetensors', path=f)
-    sd = load_file(str(f))
+    sd = {n: t for n, t in load_file(str(f)).items() if not any(n.startswith(p) for p in skip)}
     own = dict(model.named_parameters()); own.update(_persistent_buffers(model))
     if unknown := sorted(n for n in sd if n not in own):
         raise CheckpointError('checkpoint holds a tensor the model does not have', path=f, field=unknown[0],
@@ -704,6 +705,12 @@ def _region_meta(run, info, classes, cfg):
     return meta
 
 # %% ../nbs/07_train.ipynb #3205452c
+def stage1_skip(run, cfg:RunConfig) -> tuple:
+    "What not to load from stage 1: its (untrained) codebook when this config's codebook has another size (the codebook-size ablation)."
+    p = Path(run)/'stage1'/'config.json'
+    K1 = json.loads(p.read_text()).get('codebook', {}).get('codes_per_modality') if p.exists() else None
+    return ('codebook.',) if K1 not in (None, cfg.codebook.codes_per_modality) else ()
+
 def load_region_model(run, cfg:RunConfig=None):
     "The region model of a run, with the weights of every finished stage of 1 and 2 loaded."
     from medsight.core import load_config
@@ -714,7 +721,7 @@ def load_region_model(run, cfg:RunConfig=None):
     cfg = cfg or load_config(run/'config.json')
     model = RegionModel(cfg, meta['modalities'], meta['classes'])
     for st in ('stage1', 'stage2'):
-        if find_checkpoint(run/st): load_weights(model, run/st)
+        if find_checkpoint(run/st): load_weights(model, run/st, skip=stage1_skip(run, cfg) if st == 'stage1' else ())
     return model.eval()
 
 # %% ../nbs/07_train.ipynb #a6451123
@@ -751,7 +758,7 @@ def train_region_stage(cfg:RunConfig,      # the run config (`train.steps['1']`,
     model = RegionModel(cfg, info['modalities'], classes)
     if stage == '2':
         if not is_done(run/'stage1'): raise CheckpointError('stage 2 needs a finished stage 1', path=run/'stage1', hint='run --stage 1 first')
-        load_weights(model, run/'stage1')
+        load_weights(model, run/'stage1', skip=stage1_skip(run, cfg))
     val = data.get('val') or data.get('test')
     args = {**train_args(cfg, stage), **kwargs}
     return fit(model, region_spec(cfg, stage), stage1_loss if stage == '1' else stage2_loss,
@@ -857,7 +864,7 @@ def load_llm_model(run,                 # a run directory with region.json and s
     for st in ('stage1', 'stage2'):
         if not is_done(run/st): raise CheckpointError(f'{st} has not finished', path=run/st, hint='medsight train --stage 1,2')
     model = build_medsight(cfg, meta['modalities'], meta['classes'], load_in_4bit=load_in_4bit, mask_weight=cfg.llm.mask_weight)
-    for st in ('stage1', 'stage2'): load_weights(model, run/st)
+    for st in ('stage1', 'stage2'): load_weights(model, run/st, skip=stage1_skip(run, cfg) if st == 'stage1' else ())
     model.init_code_rows()
     for st in ('3', '4', '5'):
         if st > str(upto): break
@@ -983,9 +990,15 @@ def train_llm_stage(cfg:RunConfig,      # the run config
     from medsight.processor import MedSightProcessor
     stage, run = str(stage), Path(run)
     spec = llm_spec(cfg, stage)
-    for prev in [s for s in ('3', '4') if s < stage]:
+    merged = not cfg.train.progressive                                     # the ablation: stage 5 alone, from stage 2
+    if merged and stage != '5':
+        raise ConfigError(f'with train.progressive=false stages 3 and 4 are merged into stage 5; there is no stage {stage} to train',
+                          field='train.progressive', hint='train --stage 5 (or all)')
+    for prev in [s for s in ('3', '4') if s < stage and not merged]:
         if not is_done(run/f'stage{prev}'): raise CheckpointError(f'stage {stage} needs a finished stage {prev}', path=run/f'stage{prev}')
-    if is_done(run/f'stage{stage}', int(cfg.train.steps.get(stage, -1))): return json.loads((run/f'stage{stage}'/'metrics.json').read_text())
+    args = {**train_args(cfg, stage), **kwargs}
+    if merged: args['steps'] = sum(int(cfg.train.steps.get(s, 0)) for s in ('3', '4', '5'))
+    if is_done(run/f'stage{stage}', args['steps']): return json.loads((run/f'stage{stage}'/'metrics.json').read_text())
     set_seed(cfg.seed)
     model = model or load_llm_model(run, cfg, upto=stage)
     if stage == '5': attach_lora(model, cfg)
@@ -998,7 +1011,7 @@ def train_llm_stage(cfg:RunConfig,      # the run config
     t = cfg.train
     val_fn = (lambda m: llm_val(m, proc, val, t.val_samples, t.max_new_tokens)) if val is not None and t.val_samples else None
     return fit(model, spec, llm_loss, llm_batches(data['train'], proc, t.batch_size, cfg.seed, pool, mix), out_dir=run/f'stage{stage}',
-               progress=progress, val_fn=val_fn, no_decay=('code_tokens',), **{**train_args(cfg, stage), **kwargs})
+               progress=progress, val_fn=val_fn, no_decay=('code_tokens',), **args)
 
 # %% ../nbs/07_train.ipynb #b183ba4b
 ARCHS = {   # shapes of the LLMs and tower the presets name (public configs), for random-weight benchmarks
