@@ -9,8 +9,9 @@ from pathlib import Path
 from .core import MedSightError, ConfigError, get_preset, config_from_dict, load_config, atomic_write_text
 
 # %% auto #0
-__all__ = ['COMMANDS', 'AVAILABLE_STAGES', 'command', 'main', 'config_cmd', 'data_shapes', 'data_brain', 'data_convert',
-           'train_cmd', 'bench_cmd', 'codebook_report_cmd', 'eval_cmd', 'baseline_unet', 'ablate_cmd', 'demo']
+__all__ = ['COMMANDS', 'DEMO_STEPS', 'FAST_STEPS', 'command', 'main', 'config_cmd', 'data_shapes', 'data_brain', 'data_convert',
+           'data_check', 'train_cmd', 'bench_cmd', 'codebook_report_cmd', 'eval_cmd', 'baseline_unet', 'ablate_cmd',
+           'predict_cmd', 'demo']
 
 # %% ../nbs/10_cli.ipynb #a2fd8d89
 COMMANDS = {}
@@ -53,12 +54,12 @@ def main(argv:list=None) -> int:
     parser = anno_parser(fn, prog=f'medsight {match}')
     args = vars(parser.parse_args(argv[len(match.split()):]))
     args.pop('pdb', None); args.pop('xtra', None)
-    try: fn(**args)
+    try: rc = fn(**args)
     except MedSightError as e:
         print(f'medsight: error: {e}', file=sys.stderr); return 2
     except KeyboardInterrupt:
         print('medsight: interrupted', file=sys.stderr); return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 # %% ../nbs/10_cli.ipynb #bb0c0f8d
 def _split_overrides(text:str) -> dict:
@@ -132,11 +133,18 @@ def data_convert(src:str,            # the dataset to convert (a folder)
     path = convert_dataset(format, src, _need(out, '--out'), seed=seed, progress=not quiet, overwrite=overwrite)
     _summary(path, time.time() - t)
 
+# %% ../nbs/10_cli.ipynb #ff8bfaf1
+@command('data check')
+def data_check(path:str,              # the grounded dataset directory
+               max_rows:int=None,     # check only the first N rows of each split (ids and groups are read for all)
+               quiet:bool=False):     # no progress bar
+    "Check a grounded dataset (rows, geometry, labels, split leakage, class balance); exit 1 on errors."
+    from medsight.data.check import check_dataset
+    rep = check_dataset(path, max_rows=max_rows, progress=not quiet)
+    print(rep.summary_md())
+    return 0 if rep.ok else 1
+
 # %% ../nbs/10_cli.ipynb #64bb07b4
-AVAILABLE_STAGES = ('1', '2', '3', '4', '5')
-
-def _fmt_val(v:dict) -> str: return json.dumps({k: round(x, 3) if isinstance(x, float) else x for k, x in v.items() if not isinstance(x, dict)})
-
 @command('train')
 def train_cmd(data:str=None,        # a grounded dataset directory (`medsight data …`)
               out:str=None,         # the run directory (re-running resumes)
@@ -147,24 +155,11 @@ def train_cmd(data:str=None,        # a grounded dataset directory (`medsight da
               qlora:bool=False,     # LLM in 4-bit NF4 (QLoRA) for the LLM stages
               quiet:bool=False):    # no progress bars
     "Train a medsight run, stage by stage (finished stages are skipped, interrupted ones resume)."
-    from medsight.train import train_region_stage, load_region_data, write_code_labels, train_llm_stage
+    from medsight.train import train_run, parse_stages
     data, out = _need(data, '--data'), Path(_need(out, '--out'))
     cfg = _resolve_config(preset, config, set)
     if qlora: cfg = cfg.update({'llm.load_in_4bit': True, 'llm.lora_r': cfg.llm.lora_r or 16})
-    stages = list(AVAILABLE_STAGES) if stage == 'all' else [s.strip() for s in stage.split(',')]
-    bad = [s for s in stages if s not in AVAILABLE_STAGES]
-    if bad: raise ConfigError(f'there is no stage {bad[0]}', field='--stage', hint=f'stages: {", ".join(AVAILABLE_STAGES)} or all')
-    pre = load_region_data(data, cfg.vision.image_size) if any(s in ('1', '2') for s in stages) else None
-    cache = {}                                                     # stages 3–5 encode the conversations once
-    for st in stages:
-        if st in ('3', '4') and not cfg.train.progressive:
-            print(f'[train] stage {st}: merged into stage 5 (train.progressive=false)', flush=True); continue
-        if st in ('1', '2'): m = train_region_stage(cfg, data, out, st, progress=not quiet, datasets=pre)
-        else: m = train_llm_stage(cfg, out, st, data, progress=not quiet, cache=cache)
-        print(f"[train] stage {st}: {m['steps']} steps in {m['wall_s']:.0f}s ({m['samples_per_s']:.1f} samples/s), val {_fmt_val(m['val'])}", flush=True)
-        if st == '2' and not (out/'stage2'/'code_labels.json').exists():
-            lab = write_code_labels(out, datasets=pre)
-            print(f"[train] code labels for {lab['regions']} regions; {lab['duplicate_regions']} share a code with another region of their image")
+    train_run(cfg, data, out, parse_stages(stage), progress=not quiet)
 
 @command('bench')
 def bench_cmd(preset:str='tiny',     # tiny, small or paper
@@ -248,6 +243,46 @@ def ablate_cmd(data:str=None,            # the grounded dataset
     for r in rows: print(json.dumps({k: r[k] for k in ('name', 'dice', 'diagnosis_recall', 'closed_acc', 'wall_s')}))
     print(f'[ablate] wrote {out}/ablations.json and ablations.md', file=sys.stderr)
 
+# %% ../nbs/10_cli.ipynb #7e20eebb
+def _window_arg(w):
+    "`lung`, `percentile` or `'40,400'` → what `load_image` takes."
+    if w is None or ',' not in str(w): return w
+    try: c, wd = (float(x) for x in str(w).split(','))
+    except ValueError: raise ConfigError(f'cannot read window {w!r}', field='--window', hint='a preset name, percentile, or CENTER,WIDTH such as 40,400') from None
+    return (c, wd)
+
+@command('predict')
+def predict_cmd(run:str=None,            # a run with stages 1–5 finished
+                image:str=None,          # an image file or a folder (PNG, JPEG, TIFF, BMP, DICOM, NIfTI)
+                question:str=None,       # the question (with --data: default each sample's own)
+                out:str=None,            # output directory
+                data:str=None,           # instead of --image: a grounded dataset whose split is answered
+                split:str='test',        # with --data: the split
+                n:int=None,              # with --data: only the first N samples
+                modality:str=None,       # the image's modality (default: the file's, else the model's classifier)
+                window:str=None,         # DICOM/NIfTI window: a preset, percentile, or CENTER,WIDTH
+                axis:int=2,              # NIfTI slicing axis: 0 sagittal, 1 coronal, 2 axial
+                slice_index:int=None,    # NIfTI slice (default: the middle one)
+                frame:int=None,          # DICOM frame or TIFF page (default: the middle frame, the first page)
+                max_new_tokens:int=64,   # generation budget per answer
+                batch_size:int=8,        # images per generation batch
+                quiet:bool=False):       # no progress bar
+    "Answer a question about image files (or a dataset split) and write text, masks, an overlay and a JSON record for each."
+    from medsight.infer import load_predictor, predict_files, predict_split
+    run, out = _need(run, '--run'), Path(_need(out, '--out'))
+    if (image is None) == (data is None): raise ConfigError('pass exactly one of --image and --data', field='--image', hint='--image FILE_OR_FOLDER or --data DATASET')
+    pred = load_predictor(run, max_new_tokens)
+    if data is not None: recs = predict_split(pred, data, out, split, n, question, batch_size, progress=not quiet)
+    else:
+        recs = predict_files(pred, image, _need(question, '--question'), out, modality, batch_size, progress=not quiet,
+                             window=_window_arg(window), axis=axis, slice_index=slice_index, frame=frame)
+    for r in recs:
+        print(json.dumps({'input': r['input'], 'error': r['error']} if 'error' in r else
+                         {'input': r['input'], 'text': r['text'], 'regions': [g['name'] or g['token'] for g in r['regions']], 'warnings': r['warnings']}))
+    bad = [r for r in recs if 'error' in r]
+    print(f'[predict] wrote {len(recs) - len(bad)} answers to {out}' + (f'; {len(bad)} inputs could not be read' if bad else ''), file=sys.stderr)
+    return 1 if bad else 0
+
 # %% ../nbs/10_cli.ipynb #d8d03d1b
 def _dataset_table(info) -> str:
     order = sorted(info['n'], key=lambda k: (['train', 'val', 'test'] + [k]).index(k))
@@ -273,60 +308,112 @@ def _device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f'{platform.machine()} CPU ({torch.get_num_threads()} threads)'
 
 # %% ../nbs/10_cli.ipynb #64dd62e0
-def _prepare_demo(out:Path, n:int, seed:int, steps:dict, quiet:bool) -> Path:
+DEMO_STEPS = {'1': 200, '2': 100, '3': 15, '4': 30, '5': 200}   # the tiny schedule (600/300/30/60/900), cut to fit ~12 min on 2 cores
+FAST_STEPS = {'1': 10, '2': 5, '3': 2, '4': 2, '5': 4}
+
+def _prepare_demo(out:Path, want:dict, quiet:bool) -> Path:
     "Build (or keep) the demo's MedShapes; a change of settings starts the run over."
     import shutil
     from medsight.data.shapes import build_medshapes
     data, state_file = out/'data', out/'demo_state.json'
-    want = dict(n=n, seed=seed, size=64, steps=steps)
     have = json.loads(state_file.read_text()) if state_file.exists() else None
     if have == want and (data/'medsight.json').exists(): print(f'[demo] MedShapes already built in {data}: kept'); return data
-    print(f'[demo] building MedShapes ({n} samples, seed {seed})')
-    for d in ('run', 'eval'): shutil.rmtree(out/d, ignore_errors=True)
-    build_medshapes(data, n=n, seed=seed, size=64, progress=not quiet, overwrite=True)
+    print(f"[demo] building MedShapes ({want['n']} samples, seed {want['seed']})", flush=True)
+    for d in ('run', 'eval', 'predict'): shutil.rmtree(out/d, ignore_errors=True)
+    build_medshapes(data, n=want['n'], seed=want['seed'], size=64, progress=not quiet, overwrite=True)
     atomic_write_text(state_file, json.dumps(want))
     return data
 
 # %% ../nbs/10_cli.ipynb #57895170
 @command('demo')
 def demo(out:str='medsight_demo',   # output directory (re-running resumes)
-         n:int=2000,                # MedShapes samples to build
+         n:int=1500,                # MedShapes samples to build
          seed:int=0,                # random seed
+         eval_n:int=200,            # test questions to evaluate
          fast:bool=False,           # a quick smoke version (60 samples, a few steps): checks the path, not the model
          quiet:bool=False):         # no progress bars
-    "Run the medsight pipeline end to end on the tiny preset (CPU) and write a report."
-    from medsight.train import train_region_stage, load_region_data, write_code_labels, codebook_report
-    t0, out = time.time(), Path(out)
-    cfg = get_preset('tiny', {'seed': seed, **({'train.steps': {'1': 10, '2': 5}, 'train.batch_size': 8} if fast else {})})
-    if fast: n = min(n, 60)
-    data = _prepare_demo(out, n, seed, cfg.train.steps, quiet)
-    pre = load_region_data(data, cfg.vision.image_size)
-    stages = {}
-    for st in ('1', '2'):
-        stages[st] = m = train_region_stage(cfg, data, out/'run', st, progress=not quiet, datasets=pre)
-        print(f"[demo] stage {st}: {m['steps']} steps, {m['wall_s']:.0f}s, val {json.dumps({k: round(v, 3) for k, v in m['val'].items()})}")
-    if not (out/'run'/'stage2'/'code_labels.json').exists(): write_code_labels(out/'run', datasets=pre)
-    rep = codebook_report(out/'run', data, out/'eval', datasets=pre)
-    _demo_report(out, pre[0], stages, rep, cfg, seed, time.time() - t0)
+    "Run medsight end to end on the tiny preset (CPU): data, five training stages, evaluation, predictions on real files, a report."
+    from medsight.train import train_run, codebook_report
+    from medsight.eval import evaluate_run
+    from medsight.infer import load_predictor, predict_split, predict_examples
+    t0, out, secs = time.time(), Path(out), {}
+    steps = FAST_STEPS if fast else DEMO_STEPS
+    over = {'seed': seed, 'train.steps': steps, 'train.val_samples': 16, **({'train.batch_size': 8, 'train.val_samples': 4, 'train.max_new_tokens': 8} if fast else {})}
+    cfg = get_preset('tiny', over)
+    if fast: n, eval_n = min(n, 60), min(eval_n, 8)
+    data = _prepare_demo(out, dict(n=n, seed=seed, size=64, steps=steps, eval_n=eval_n, fast=fast), quiet)
+    secs['data'] = time.time() - t0
+    stages = train_run(cfg, data, out/'run', progress=not quiet, log=lambda s, **k: print(s.replace('[train]', '[demo]'), flush=True))
+    secs['training (5 stages)'] = sum(m['wall_s'] for m in stages.values())
+    t = time.time()
+    rep_file = out/'eval'/'codebook_report.json'
+    rep = json.loads(rep_file.read_text()) if rep_file.exists() else codebook_report(out/'run', data, out/'eval')
+    secs['mask tokenizer report'] = time.time() - t; t = time.time()
+    mfile = out/'eval'/'metrics.json'
+    if mfile.exists(): metrics = json.loads(mfile.read_text()); print('[demo] evaluation already done: kept')
+    else: metrics = evaluate_run(out/'run', data, 'test', out/'eval', n=eval_n, max_new_tokens=cfg.train.max_new_tokens, regions=False, progress=not quiet)
+    print(f"[demo] evaluation: {json.dumps({k: round(metrics['overall'][k], 3) for k in ('dice', 'dice_union', 'diagnosis_recall', 'closed_acc') if metrics['overall'][k] is not None})}", flush=True)
+    secs['evaluation'] = time.time() - t; t = time.time()
+    pred = load_predictor(out/'run', max_new_tokens=cfg.train.max_new_tokens)
+    preds = predict_split(pred, data, out/'predict'/'test', n=4, progress=False) + predict_examples(pred, out/'predict'/'real')
+    secs['predictions'] = time.time() - t
+    _demo_report(out, json.loads((data/'medsight.json').read_text()), stages, rep, metrics, preds, cfg, seed, secs, time.time() - t0)
     print(f'[demo] wrote {out/"report.md"} in {time.time() - t0:.1f}s')
 
 # %% ../nbs/10_cli.ipynb #d9b17064
-def _demo_report(out, info, stages, rep, cfg, seed, secs):
-    "Write `out/report.md` from the run's metrics and the mask-tokenizer report."
-    from medsight.train import _report_md
-    fig = _samples_figure(out/'data', out/'samples.png')
+def _stage_rows(stages:dict) -> list:
+    from medsight.train import llm_spec, region_spec
     rows = ['| stage | trains | steps | wall (s) | samples/s | peak memory (MB) | validation |', '|---|---|---|---|---|---|---|']
     for st, m in stages.items():
+        val = ', '.join(f'{k} {v:.3f}' for k, v in m['val'].items() if isinstance(v, float))
         rows.append(f"| {st} | {m.get('trainable_params', 0):,} parameters | {m['steps']} | {m['wall_s']:.0f} | {m['samples_per_s']:.1f} | "
-                    f"{m['peak_mem_mb']:.0f} | {', '.join(f'{k} {v:.3f}' for k, v in m['val'].items())} |")
+                    f"{m['peak_mem_mb']:.0f} | {val} |")
+    return rows
+
+def _answer_rows(preds:list, base:str) -> list:
+    "A markdown table of answers: input, question, answer, regions, warnings, and the overlay."
+    rows = ['| input | question → answer | regions | overlay |', '|---|---|---|---|']
+    for r in preds:
+        name = r.get('example') or r['input']
+        if 'error' in r: rows.append(f"| {name} | could not be read: {r['error']} | | |"); continue
+        src = r['source']
+        what = f"{src.get('format', 'sample')} {src.get('modality') or ''}".strip()
+        ans = r['text'].replace('|', '/').replace('\n', ' ')
+        regs = ', '.join(f"{g['name'] or g['token']} ({g['area']} px)" for g in r['regions']) or '–'
+        warn = ('<br>⚠ ' + '; '.join(r['warnings'])) if r['warnings'] else ''
+        rows.append(f"| {name}<br>({what}) | **Q:** {r['question']}<br>**A:** {ans}{warn} | {regs} | ![{name}]({base}/{r['overlay']}) |")
+    return rows
+
+def _demo_report(out, info, stages, rep, metrics, preds, cfg, seed, secs, total):
+    "Write `out/report.md`: data, training, mask tokenizer, evaluation, predictions, timings."
+    from medsight.train import _report_md
+    from medsight.eval import metrics_table, cost_md
+    fig = _samples_figure(out/'data', out/'samples.png')
     tok = _report_md(rep).split('\n', 2)[2].replace('](atlas.png)', '](eval/atlas.png)')
-    lines = ['# medsight demo', '', f"Preset `tiny`, seed {seed}, {secs:.0f}s on {_device_name()}.", '',
+    ev = metrics_table({'overall': metrics['overall'], **metrics['per_modality']}, 'test split')
+    figs = [f for f in ('per_modality.png', 'cases.png', 'confusion.png') if (out/'eval'/'figures'/f).exists()]
+    test = [r for r in preds if 'example' not in r]; real = [r for r in preds if 'example' in r]
+    timing = ['| part | seconds |', '|---|---|'] + [f'| {k} | {v:.0f} |' for k, v in secs.items()] + [f'| **total** | **{total:.0f}** |']
+    lines = ['# medsight demo', '',
+             f"Preset `tiny`, seed {seed}, {total:.0f}s on {_device_name()}. Steps per stage: "
+             f"{', '.join(f'{k}: {v}' for k, v in cfg.train.steps.items())}. Every figure below comes from this run.", '',
+             *timing, '',
              '## Data: MedShapes', '', f"Modalities: {', '.join(info['modalities'])}. "
              f"Structures: {', '.join(info.get('structures', []))}. Diagnoses: {', '.join(info.get('diagnoses', []))}.", '',
              _dataset_table(info), '', f'![MedShapes test samples]({fig.name})', '',
-             '## Training: stages 1 and 2', '', *rows, '', '![stage 1 loss](run/stage1/loss.png) ![stage 2 loss](run/stage2/loss.png)', '',
+             '## Training: five stages', '', *_stage_rows(stages), '',
+             ' '.join(f'![stage {s} loss](run/stage{s}/loss.png)' for s in stages), '',
              '## The mask tokenizer (test split)', '', tok,
-             '## Not yet in this demo', '', 'The LLM stages 3–5 run with `medsight train --stage all`; they join this report, with the evaluation of grounded answers, in a later version.']
+             '## Grounded answers (test split)', '',
+             f"{metrics['meta']['n']} questions, greedy decoding; Dice is per reference region in answer order, "
+             "a missing region counting 0 (chapter 08 states every rule).", '', ev, '',
+             *[f'![{f}](eval/figures/{f})' for f in figs], '',
+             *(['### What the answers cost', '', cost_md(metrics['cost']['stages'], metrics['cost']['generation']), ''] if metrics.get('cost') else []),
+             '## Answers on test images', '', *_answer_rows(test, 'predict/test'), '',
+             '## Answers on real files', '',
+             'Real images that ship with the installed packages (chapter 09). This model was trained on synthetic '
+             'MedShapes only, so these answers show the path — reading, windowing, the bank chosen, masks in the '
+             "file's geometry, no patient data in any output — not clinical skill.", '', *_answer_rows(real, 'predict/real'), '']
     atomic_write_text(out/'report.md', '\n'.join(lines) + '\n')
 
 # %% ../nbs/10_cli.ipynb #4c8af3a2

@@ -11,10 +11,11 @@ import torch
 from .core import DataError, ConfigError, set_seed, atomic_write_text
 
 # %% auto #0
-__all__ = ['ARTICLES', 'PAPER_WAY', 'ABLATIONS', 'seg_metrics', 'answer_scores', 'normalize_text', 'closed_answer', 'open_recall',
-           'named_findings', 'diagnosis_recall', 'rle_encode', 'rle_decode', 'diagnoses_of', 'score_answer',
-           'confusion', 'summarize', 'evaluate', 'metrics_table', 'report_md', 'plot_per_modality', 'plot_confusion',
-           'plot_cases', 'evaluate_run', 'region_figures', 'ClassUNet', 'class_targets', 'unet_loss', 'class_questions',
+__all__ = ['ARTICLES', 'MASK_TOKEN_SCHEMES', 'PAPER_WAY', 'ABLATIONS', 'seg_metrics', 'answer_scores', 'normalize_text',
+           'closed_answer', 'open_recall', 'named_findings', 'diagnosis_recall', 'rle_encode', 'rle_decode',
+           'diagnoses_of', 'score_answer', 'confusion', 'summarize', 'evaluate', 'metrics_table', 'report_md',
+           'stage_costs', 'generation_costs', 'cost_md', 'plot_per_modality', 'plot_confusion', 'plot_cases',
+           'evaluate_run', 'region_figures', 'ClassUNet', 'class_targets', 'unet_loss', 'class_questions',
            'seg_summary', 'evaluate_unet', 'run_wall_s', 'train_unet', 'load_unet', 'compare_to_unet', 'compare_md',
            'unet_baseline', 'ablate', 'ablations_md']
 
@@ -213,7 +214,10 @@ def evaluate(model,                 # a `MedSightForCausalLM` (eval mode is set)
         part = samples[s:s + batch_size]
         qs = [x['conversations'][0]['content'] for x in part]
         answers = model.generate_grounded([x['image'] for x in part], qs, processor=processor, max_new_tokens=max_new_tokens)
-        recs += [score_answer(x, a, diagnoses) for x, a in zip(part, answers)]
+        for x, a in zip(part, answers):
+            r = score_answer(x, a, diagnoses)
+            r['n_tokens'] = len(processor.tokenizer(a.text, add_special_tokens=False)['input_ids'])   # code tokens count one each
+            recs.append(r)
         bar.update(len(part))
     bar.close()
     return recs
@@ -253,9 +257,46 @@ def report_md(metrics:dict) -> str:
         out += ['', '## Diagnosis confusion (one reference diagnosis)', '', '| reference \\ answer | ' + ' | '.join(cf['cols']) + ' |',
                 '|' + '---|' * (len(cf['cols']) + 1)]
         out += [f"| {r} | " + ' | '.join(map(str, row)) + ' |' for r, row in zip(cf['rows'], cf['counts'])]
+    if metrics.get('cost'): out += ['', '## Cost', '', cost_md(metrics['cost']['stages'], metrics['cost']['generation'])]
     figs = me.get('figures') or []
     if figs: out += ['', '## Figures', ''] + [f'![{Path(f).stem}]({f})' for f in figs]
     return '\n'.join(out) + '\n'
+
+# %% ../nbs/08_eval.ipynb #a09670d1
+MASK_TOKEN_SCHEMES = {'medsight: one code token per mask': 1, 'hierarchical mask tokenizer': 32, '16×16 grid of text tokens': 256}
+
+def stage_costs(run) -> list:
+    "One row per finished stage of a run: steps, wall time, samples/s, peak memory, trainable parameters."
+    rows = []
+    for st in '12345':
+        p = Path(run)/f'stage{st}'/'metrics.json'
+        if p.exists():
+            m = json.loads(p.read_text())
+            rows.append(dict(stage=st, steps=m.get('steps'), wall_s=m.get('wall_s'), samples_per_s=m.get('samples_per_s'),
+                             peak_mem_mb=m.get('peak_mem_mb'), trainable_params=m.get('trainable_params')))
+    return rows
+
+def generation_costs(recs:list, schemes:dict=None) -> dict:
+    "Mean generated tokens per answer under each mask-token scheme, from `evaluate` records (`n_tokens`, `regions`)."
+    schemes = schemes or MASK_TOKEN_SCHEMES
+    recs = [r for r in recs if 'n_tokens' in r]
+    if not recs: return {}
+    masks = float(np.mean([len(r['regions']) for r in recs]))
+    text = float(np.mean([r['n_tokens'] - len(r['regions']) for r in recs]))
+    base = text + masks * schemes[next(iter(schemes))]
+    return dict(n=len(recs), masks_per_answer=masks, text_tokens_per_answer=text,
+                schemes={k: dict(tokens_per_mask=v, tokens_per_answer=text + masks * v, vs_first=(text + masks * v) / base if base else None)
+                         for k, v in schemes.items()})
+
+def cost_md(stages:list, gen:dict) -> str:
+    "The cost section of a report: training stages, then answer length under each mask-token scheme."
+    out = ['| stage | steps | wall (s) | samples/s | peak memory (MB) | trainable parameters |', '|---|---|---|---|---|---|']
+    out += [f"| {r['stage']} | {r['steps']} | {_fmt(r['wall_s'])} | {_fmt(r['samples_per_s'])} | {_fmt(r['peak_mem_mb'])} | {r['trainable_params'] or 0:,} |" for r in stages]
+    if gen:
+        out += ['', f"Answers hold {gen['masks_per_answer']:.2f} masks and {gen['text_tokens_per_answer']:.1f} text tokens on average ({gen['n']} answers):", '',
+                '| mask tokens | per mask | generated tokens per answer | × medsight |', '|---|---|---|---|']
+        out += [f"| {k} | {v['tokens_per_mask']} | {v['tokens_per_answer']:.1f} | {_fmt(v['vs_first'])} |" for k, v in gen['schemes'].items()]
+    return '\n'.join(out)
 
 # %% ../nbs/08_eval.ipynb #8d5710f3
 def plot_per_modality(metrics:dict, keys=('dice', 'diagnosis_recall', 'closed_acc', 'open_recall')):
@@ -327,6 +368,7 @@ def evaluate_run(run,                   # a run directory with stages 1–5 fini
     recs = evaluate(model, proc, samples, diags, max_new_tokens, batch_size, seed, progress)
     metrics = summarize(recs, diags)
     if regions: metrics['regions'] = _round(region_figures(run, samples, data_dir))
+    metrics['cost'] = _round(dict(stages=stage_costs(run), generation=generation_costs(recs)))
     metrics['meta'] = dict(run=run.name, data=Path(data_dir).name, fingerprint=info.get('fingerprint'), split=split, n=len(samples),
                            seed=seed, decoding='greedy', max_new_tokens=max_new_tokens)
     if out is not None:

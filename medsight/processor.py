@@ -55,7 +55,11 @@ def _image(self:MedSightProcessor, img):
     "One image → normalised (3, S, S), its box and original size."
     if isinstance(img, (str, bytes)) or not hasattr(img, 'shape') and not hasattr(img, '__array__'):
         raise DataError(f'an image must be an array, got {type(img).__name__}', field='image', hint='load files with medsight.data.io.load_image')
-    x = to_image_tensor(img)                                                    # (3, H, W) in [0, 1]
+    if isinstance(img, torch.Tensor): img = img.detach().cpu().float() if img.dtype == torch.bfloat16 else img.detach().cpu()
+    a = np.asarray(img)
+    if a.dtype.kind not in 'biuf': raise DataError(f'an image must hold numbers, got dtype {a.dtype}', field='image', hint='pass floats in [0, 1] or uint8')
+    if 0 in a.shape: raise DataError(f'the image is empty (shape {a.shape})', field='image')
+    x = to_image_tensor(a)                                                      # (3, H, W) in [0, 1]
     if not torch.isfinite(x).all(): raise DataError('the image holds NaN or inf values', field='image')
     sq, box = letterbox(x, self.image_size)                                     # (3, S, S)
     mean, std = sq.new_tensor(self.mean)[:, None, None], sq.new_tensor(self.std)[:, None, None]
@@ -68,7 +72,10 @@ def images(self:MedSightProcessor, imgs) -> dict:
 
 def masks(self:MedSightProcessor, ms) -> torch.Tensor:
     "Masks (R, H, W) letterboxed like their image: (R, S, S) bool."
-    m = torch.as_tensor(np.asarray(ms)).bool()
+    try: a = np.asarray(ms)
+    except ValueError: raise DataError('masks of different shapes cannot be stacked', field='regions', hint='every mask must have its image\'s H×W') from None
+    if a.dtype.kind not in 'biuf': raise DataError(f'masks must be boolean or numeric, got dtype {a.dtype}', field='regions')
+    m = torch.as_tensor(a).bool()
     if m.ndim != 3: raise DataError(f'masks must be (R, H, W), got {tuple(m.shape)}', field='regions')
     if not len(m): return torch.zeros(0, self.image_size, self.image_size, dtype=torch.bool)
     return letterbox(m[:, None], self.image_size, mode='nearest-exact')[0][:, 0]
@@ -84,13 +91,24 @@ def _turn_codes(self:MedSightProcessor, text:str, codes:list, row):
     if used and codes is None:
         raise DataError('the conversation refers to regions but no code labels were given', row=row, field='conversations',
                         hint='pass codes=… from write_code_labels (RUN/stage2/code_labels.json)')
+    if used and not isinstance(codes, (list, tuple)):
+        raise DataError(f'code labels must be a list with one (bank, code) or None per region, got {type(codes).__name__}', row=row, field='codes')
     for i in used:
         if i >= len(codes): raise DataError(f'<region:{i}> but the sample has {len(codes)} regions', row=row, field='conversations')
         if codes[i] is None: return None, used
+        if not (isinstance(codes[i], (list, tuple)) and len(codes[i]) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in codes[i])):
+            raise DataError(f'code label {codes[i]!r} of region {i} is not a (bank, code) pair of integers', row=row, field='codes')
         m, k = codes[i]
         if not (0 <= m < len(self.modalities) and 0 <= k < self.K):
             raise DataError(f'code label {codes[i]} of region {i} is out of range', row=row, field='codes')
     return _REGION.sub(lambda mt: code_token(*codes[int(mt.group(1))]), text), used
+
+def _check_text(text:str, row, field:str):
+    "Refuse text the tokenizer cannot take: lone surrogates (left by decoding bytes with `errors='surrogateescape'`)."
+    try: text.encode('utf-8')
+    except UnicodeEncodeError as e:
+        raise DataError(f'text is not valid Unicode ({e.reason} at character {e.start})', row=row, field=field,
+                        hint="decode the source bytes with errors='replace'") from None
 
 def _render(self:MedSightProcessor, msgs:list, **kw) -> str:
     return self.tokenizer.apply_chat_template(msgs, chat_template=self.chat_template, tokenize=False, **kw)
@@ -103,7 +121,7 @@ def _segments(self:MedSightProcessor, convs:list, codes, row):
     msgs, regions, warns = [], [], []
     for t, c in enumerate(convs):
         role, content = c['role'], c['content']
-        if role not in ('user', 'assistant', 'system'):
+        if not isinstance(role, str) or role not in ('user', 'assistant', 'system'):
             raise DataError(f'unknown role {role!r}', row=row, field=f'conversations[{t}].role', hint='user, assistant or system')
         new, used = self._turn_codes(content, codes, row)
         if new is None:
@@ -135,9 +153,14 @@ def encode(self:MedSightProcessor,
            row=None) -> dict|None:   # the row id for messages (default `sample['id']`)
     "One sample as `input_ids`, `labels`, `pixel_values`, `region_masks`, `modality`; None if it cannot fit."
     from medsight.data.schema import decode_sample
+    if not isinstance(sample, dict): raise DataError(f'a sample must be a dict, got {type(sample).__name__}', row=row, hint='see medsight.data.schema.make_sample')
     if not isinstance(sample.get('image'), np.ndarray): sample = decode_sample(sample)
     row = sample.get('id') if row is None else row
+    px, box, size = self._image(sample['image'])
+    self._check_sample(sample, row)
     pieces, regions, warns = self._segments(sample['conversations'], codes, row)
+    if bad := [i for r in regions for i in r if i >= len(sample['regions'])]:
+        raise DataError(f'<region:{bad[0]}> but the sample has {len(sample["regions"])} regions', row=row, field='conversations')
     ids, labels, turn_end = [], [], []
     for text, sup, turn in pieces:
         t = self.tokenizer(text, add_special_tokens=False)['input_ids']
@@ -165,12 +188,28 @@ def encode(self:MedSightProcessor,
     for w in warns: warnings.warn(w)
     order = [i for r in regions[:keep] for i in r]
     all_masks = np.stack([r['mask'] for r in sample['regions']]) if sample['regions'] else np.zeros((0, 1, 1), bool)
-    px, box, size = self._image(sample['image'])
     return dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), pixel_values=px,
                 region_masks=self.masks(all_masks[order]) if order else torch.zeros(0, self.image_size, self.image_size, dtype=torch.bool),
                 modality=self.registry.id(sample['modality']), id=row, box=box, size=size)
 
-MedSightProcessor.encode = encode
+def _check_sample(self:MedSightProcessor, s:dict, row):
+    "Refuse a sample whose fields `encode` cannot read, naming the field (lighter than `validate_sample`: system turns pass)."
+    for k in ('modality', 'regions', 'conversations'):
+        if k not in s: raise DataError('is missing', row=row, field=k, hint='build samples with medsight.data.schema.make_sample')
+    convs, regs, shape = s['conversations'], s['regions'], np.shape(s['image'])[:2]
+    if not isinstance(convs, (list, tuple)): raise DataError(f'must be a list of turns, got {type(convs).__name__}', row=row, field='conversations')
+    for t, c in enumerate(convs):
+        if not isinstance(c, dict) or 'role' not in c or not isinstance(c.get('content'), str):
+            raise DataError(f'a turn must be a dict with a role and a string content, got {c!r:.80}', row=row, field=f'conversations[{t}]')
+        _check_text(c['content'], row, f'conversations[{t}].content')
+    if not isinstance(regs, (list, tuple)): raise DataError(f'must be a list of regions, got {type(regs).__name__}', row=row, field='regions')
+    for i, r in enumerate(regs):
+        m = r.get('mask') if isinstance(r, dict) else None
+        if not isinstance(m, np.ndarray) or m.shape != shape or m.dtype.kind not in 'biuf':
+            raise DataError(f'must be an array of the image\'s size {shape}, got {getattr(m, "shape", type(m).__name__)}', row=row,
+                            field=f'regions[{i}].mask', hint='resize masks with nearest-neighbour to the image size')
+
+MedSightProcessor.encode, MedSightProcessor._check_sample = encode, _check_sample
 
 # %% ../nbs/06_processor.ipynb #71c87020
 def collate(self:MedSightProcessor, items:list) -> dict:
@@ -195,14 +234,21 @@ MedSightProcessor.collate, MedSightProcessor.__call__ = collate, __call__
 # %% ../nbs/06_processor.ipynb #05aa5cda
 def prompt(self:MedSightProcessor, imgs:list, questions:list) -> dict:
     "Left-padded prompt ids, attention mask, pixel values, boxes and sizes for `generate_codes`."
+    if not all(hasattr(x, '__len__') and not isinstance(x, (str, bytes, dict)) for x in (imgs, questions)):
+        raise DataError(f'images and questions must be lists, got {type(imgs).__name__} and {type(questions).__name__}', field='questions',
+                        hint='model.generate_grounded takes one image and one question too')
     if len(imgs) != len(questions): raise DataError(f'{len(imgs)} images but {len(questions)} questions', field='questions')
+    if not questions: raise DataError('no question to answer', field='questions')
     seqs = []
     for i, q in enumerate(questions):
         if not isinstance(q, str): raise DataError(f'a question must be text, got {type(q).__name__}', row=i, field='question')
+        _check_text(q, i, 'question')
         if (n := q.count(IMAGE_TOKEN)) > 1: raise DataError(f'the question holds <image> {n} times', row=i, field='question', hint='at most once')
         text = self._render([dict(role='user', content=q if n else f'{IMAGE_TOKEN}\n{q}')], add_generation_prompt=True)
         t = self.tokenizer(text, add_special_tokens=False)['input_ids']
         seqs.append([x for x in t for _ in range(self.n_visual if x == self.image_id else 1)])
+        if self.max_length and len(seqs[-1]) > self.max_length:
+            warnings.warn(f'question {i}: the prompt is {len(seqs[-1])} tokens, longer than max_length={self.max_length} (the training length)')
     L = max(map(len, seqs))
     ids = torch.tensor([[self.pad_id] * (L - len(t)) + t for t in seqs])
     att = torch.tensor([[0] * (L - len(t)) + [1] * len(t) for t in seqs])
@@ -217,7 +263,13 @@ _LOOSE = re.compile(r'\[M[^\]\s\[]{0,12}\]?')
 def decode(self:MedSightProcessor, text) -> GroundedAnswer:
     "Parse generated text (or ids) into a `GroundedAnswer` (regions without masks; problems as warnings)."
     if not isinstance(text, str):
-        ids = [int(i) for i in (text.tolist() if hasattr(text, 'tolist') else text)]
+        ids = text.tolist() if hasattr(text, 'tolist') else text
+        ids = [ids] if isinstance(ids, int) else ids                          # a 0-d tensor: one id
+        ids = list(ids) if hasattr(ids, '__iter__') and not isinstance(ids, (bytes, dict)) else None
+        if ids is None or not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in ids):
+            raise DataError(f'decode takes text or one flat sequence of integer token ids, got {type(text).__name__}', field='text',
+                            hint='decode a batch one row at a time: proc.decode(ids[0])')
+        ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < len(self.tokenizer)]
         text = self.tokenizer.decode([i for i in ids if 0 <= i < len(self.tokenizer)], skip_special_tokens=True)
         warns = [f'{len(bad)} token ids outside the vocabulary were skipped'] if bad else []

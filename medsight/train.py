@@ -17,13 +17,14 @@ from .core import (MedSightError, ConfigError, CheckpointError, RunConfig,
 from .codebook import code_token
 
 # %% auto #0
-__all__ = ['STAGES', 'ARCHS', 'StageSpec', 'apply_freeze', 'set_train_mode', 'param_groups', 'lr_factor', 'make_scheduler',
-           'to_device', 'batch_len', 'model_tensors', 'save_checkpoint', 'verify_checkpoint', 'find_checkpoint',
-           'load_weights', 'load_checkpoint', 'init_distributed', 'TrainError', 'Trainer', 'read_metrics',
-           'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches', 'load_region_data',
-           'stage1_skip', 'load_region_model', 'region_spec', 'region_val', 'train_region_stage', 'write_code_labels',
-           'codebook_report', 'llm_spec', 'attach_lora', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss',
-           'llm_val', 'train_llm_stage', 'random_llm', 'bench']
+__all__ = ['STAGES', 'PICKLE_SUFFIXES', 'STAGE_NAMES', 'ARCHS', 'StageSpec', 'apply_freeze', 'set_train_mode', 'param_groups',
+           'lr_factor', 'make_scheduler', 'to_device', 'batch_len', 'model_tensors', 'save_checkpoint',
+           'verify_checkpoint', 'checkpoint_dirs', 'find_checkpoint', 'load_weights', 'load_checkpoint',
+           'init_distributed', 'TrainError', 'Trainer', 'read_metrics', 'peak_memory_mb', 'is_done', 'plot_metrics',
+           'fit', 'train_args', 'region_batches', 'load_region_data', 'stage1_skip', 'load_region_model', 'region_spec',
+           'region_val', 'train_region_stage', 'write_code_labels', 'codebook_report', 'llm_spec', 'attach_lora',
+           'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss', 'llm_val', 'train_llm_stage', 'parse_stages',
+           'train_run', 'random_llm', 'bench']
 
 # %% ../nbs/07_train.ipynb #53d0a168
 @dataclass
@@ -263,12 +264,13 @@ def save_checkpoint(ckpt_dir,               # the checkpoint directory to (re)pl
     return ckpt_dir
 
 def _swap_in(tmp:Path, ckpt_dir:Path):
-    "Replace `ckpt_dir` by `tmp`, keeping the old one as `<name>.old` until the new one is in place."
-    old = ckpt_dir.with_name(ckpt_dir.name + '.old')
-    if old.exists(): shutil.rmtree(old)
-    if ckpt_dir.exists(): os.replace(ckpt_dir, old)
+    "Put `tmp` in place as `ckpt_dir`; the checkpoint it replaces becomes `<name>.prev` (the fallback if the new one is found corrupt)."
+    prev, legacy = ckpt_dir.with_name(ckpt_dir.name + '.prev'), ckpt_dir.with_name(ckpt_dir.name + '.old')
+    if ckpt_dir.exists():
+        if prev.exists(): shutil.rmtree(prev)
+        os.replace(ckpt_dir, prev)
     os.replace(tmp, ckpt_dir); _fsync_dir(ckpt_dir.parent)
-    if old.exists(): shutil.rmtree(old)
+    if legacy.exists(): shutil.rmtree(legacy)
 
 # %% ../nbs/07_train.ipynb #1faf1970
 def verify_checkpoint(ckpt_dir, hashes:bool=True) -> dict:
@@ -276,7 +278,7 @@ def verify_checkpoint(ckpt_dir, hashes:bool=True) -> dict:
     ckpt_dir = Path(ckpt_dir); man = ckpt_dir/'checkpoint.json'
     if not ckpt_dir.is_dir(): raise CheckpointError('no checkpoint directory', path=ckpt_dir)
     if not man.exists(): raise CheckpointError('incomplete checkpoint: checkpoint.json is missing (it is written last)',
-                                               path=man, hint='the write was interrupted; use checkpoint.old or start again')
+                                               path=man, hint='the write was interrupted; checkpoint.prev holds the one before')
     try: meta = json.loads(man.read_text())
     except json.JSONDecodeError as e: raise CheckpointError(f'unreadable manifest: {e}', path=man) from None
     for name, info in meta.get('files', {}).items():
@@ -288,18 +290,36 @@ def verify_checkpoint(ckpt_dir, hashes:bool=True) -> dict:
             raise CheckpointError('sha256 does not match checkpoint.json', path=f, hint='the file is corrupt; use an older checkpoint')
     return meta
 
+def checkpoint_dirs(out_dir) -> list:
+    "The checkpoints of a run, newest first: `checkpoint/`, then `checkpoint.prev/` (and a legacy `checkpoint.old/`), those with a manifest."
+    return [d for d in (Path(out_dir)/n for n in ('checkpoint', 'checkpoint.prev', 'checkpoint.old')) if (d/'checkpoint.json').exists()]
+
 def find_checkpoint(out_dir):
-    "The usable checkpoint directory of a run (`checkpoint/`, else `checkpoint.old/` after a crash mid-swap), or None."
-    for d in (Path(out_dir)/'checkpoint', Path(out_dir)/'checkpoint.old'):
-        if (d/'checkpoint.json').exists(): return d
-    return None
+    "The newest checkpoint directory of a run that has a manifest, or None."
+    return next(iter(checkpoint_dirs(out_dir)), None)
 
 # %% ../nbs/07_train.ipynb #6b5a601d
+PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl', '.pickle')
+
+def _refuse_pickle(f:Path):
+    raise CheckpointError('pickle-based weights are refused: unpickling a file can run any code it holds', path=f,
+                          hint='convert it once, where you trust it: safetensors.torch.save_file(torch.load(f, weights_only=True), "model.safetensors")')
+
 def _weights_file(path) -> Path:
     p = Path(path)
-    if p.is_file(): return p
+    if p.is_file() or p.suffix.lower() in PICKLE_SUFFIXES:
+        if p.suffix.lower() in PICKLE_SUFFIXES: _refuse_pickle(p)
+        return p
     d = find_checkpoint(p) or p
+    if not (d/'model.safetensors').exists() and (pk := sorted(f for f in d.glob('*') if f.suffix.lower() in PICKLE_SUFFIXES)): _refuse_pickle(pk[0])
     return d/'model.safetensors'
+
+def _shape_hint(name:str) -> str:
+    "Which setting most likely differs when tensor `name` has another shape."
+    if name.startswith(('code_tokens', 'codebook')): return 'the checkpoint has another codebook size or modality list (codebook.codes_per_modality, the data\'s modalities)'
+    if 'embed_tokens' in name or 'lm_head' in name: return 'the checkpoint was made with another tokenizer or LLM (llm.kind, llm.path)'
+    if name.startswith('perceiver'): return 'the checkpoint has another perceiver (perceiver.n_queries, perceiver.dim, the class list)'
+    return 'was it saved from a different model or config?'
 
 def load_weights(model:nn.Module,   # the model to copy weights into (in place)
                  path,              # a run directory, a checkpoint directory or a .safetensors file
@@ -310,14 +330,17 @@ def load_weights(model:nn.Module,   # the model to copy weights into (in place)
     from safetensors.torch import load_file
     f = _weights_file(path)
     if not f.exists(): raise CheckpointError('no model.safetensors', path=f)
-    sd = {n: t for n, t in load_file(str(f)).items() if not any(n.startswith(p) for p in skip)}
+    try: raw = load_file(str(f))
+    except Exception as e: raise CheckpointError(f'not a readable safetensors file ({type(e).__name__}: {e})', path=f,
+                                                 hint='the file is truncated or corrupt; use an older checkpoint') from None
+    sd = {n: t for n, t in raw.items() if not any(n.startswith(p) for p in skip)}
     own = dict(model.named_parameters()); own.update(_persistent_buffers(model))
     if unknown := sorted(n for n in sd if n not in own):
         raise CheckpointError('checkpoint holds a tensor the model does not have', path=f, field=unknown[0],
                               hint='was it saved from a different model or config?')
     for n in (n for n in own if n in sd):                      # in the model's order: the first that differs
         if tuple(sd[n].shape) != tuple(own[n].shape):
-            raise CheckpointError(f'shape {tuple(sd[n].shape)} in the checkpoint, {tuple(own[n].shape)} in the model', path=f, field=n)
+            raise CheckpointError(f'shape {tuple(sd[n].shape)} in the checkpoint, {tuple(own[n].shape)} in the model', path=f, field=n, hint=_shape_hint(n))
     if missing := [n for n in (required or []) if n not in sd]:
         raise CheckpointError('a parameter that trains is not in the checkpoint', path=f, field=missing[0],
                               hint='the checkpoint was saved by a stage that trained other parameters')
@@ -423,16 +446,23 @@ def restore(self:Trainer, resume:bool=True) -> int:
     "Load the run's checkpoint (resume) or start fresh; return the first step to run."
     self.out_dir.mkdir(parents=True, exist_ok=True)
     self.prev = dict(wall_s=0.0, samples=0)
-    ck = find_checkpoint(self.out_dir) if resume else None
-    if ck is None:
-        for n in ('metrics.jsonl', 'metrics.json', 'checkpoint', 'checkpoint.old'):
+    cands = checkpoint_dirs(self.out_dir) if resume else []
+    if not cands:
+        for n in ('metrics.jsonl', 'metrics.json', 'checkpoint', 'checkpoint.prev', 'checkpoint.old'):
             p = self.out_dir/n
             if self.rank: break                                # rank 0 clears the directory
             if p.is_dir(): shutil.rmtree(p)
             elif p.exists(): p.unlink()
         self.barrier(); set_seed(self.seed)
         return 0
-    st = load_checkpoint(ck, self.model, self.optimizer, self.scheduler)
+    errors = []
+    for ck in cands:                                           # newest first; a corrupt one falls back to the previous
+        try: st = load_checkpoint(ck, self.model, self.optimizer, self.scheduler); break
+        except CheckpointError as e:
+            errors.append(str(e))
+            if ck != cands[-1]: warnings.warn(f'{e}; resuming from the previous checkpoint instead')
+    else: raise CheckpointError('no usable checkpoint: ' + '; '.join(errors), path=self.out_dir,
+                                hint='restore the files from a backup, or delete the stage directory to train it again')
     ex = st.get('extra', {})
     if ex.get('steps', self.steps) != self.steps:
         warnings.warn(f"{ck} was made for a run of {ex['steps']} steps, resuming with {self.steps}: the lr schedule changes")
@@ -1012,6 +1042,40 @@ def train_llm_stage(cfg:RunConfig,      # the run config
     val_fn = (lambda m: llm_val(m, proc, val, t.val_samples, t.max_new_tokens)) if val is not None and t.val_samples else None
     return fit(model, spec, llm_loss, llm_batches(data['train'], proc, t.batch_size, cfg.seed, pool, mix), out_dir=run/f'stage{stage}',
                progress=progress, val_fn=val_fn, no_decay=('code_tokens',), **args)
+
+# %% ../nbs/07_train.ipynb #7d4afb40
+STAGE_NAMES = ('1', '2', '3', '4', '5')
+
+def parse_stages(stage:str='all') -> list:
+    "`'all'`, `'3'` or `'1,2'` as a list of stage names; a `ConfigError` for anything else."
+    stages = list(STAGE_NAMES) if str(stage) == 'all' else [s.strip() for s in str(stage).split(',')]
+    bad = [s for s in stages if s not in STAGES]
+    if bad: raise ConfigError(f'there is no stage {bad[0]}', field='--stage', hint=f'stages: {", ".join(STAGE_NAMES)} or all')
+    return stages
+
+def train_run(cfg:RunConfig,        # the run config
+              data_dir,             # the grounded dataset
+              run,                  # the run directory (re-running resumes)
+              stages='all',         # 'all', '1,2', … or a list
+              progress:bool=True,   # progress bars
+              log=print) -> dict:   # where the one-line stage summaries go (None: nowhere)
+    "Train the stages of a run in order (finished ones are kept, interrupted ones resume); `{stage: metrics}`."
+    run, log = Path(run), log or (lambda *a, **k: None)
+    stages = parse_stages(stages) if isinstance(stages, str) else list(stages)
+    pre = load_region_data(data_dir, cfg.vision.image_size) if any(s in ('1', '2') for s in stages) else None
+    cache, out = {}, {}                                            # stages 3–5 encode the conversations once
+    for st in stages:
+        if st in ('3', '4') and not cfg.train.progressive:
+            log(f'[train] stage {st}: merged into stage 5 (train.progressive=false)', flush=True); continue
+        if st in ('1', '2'): m = train_region_stage(cfg, data_dir, run, st, progress=progress, datasets=pre)
+        else: m = train_llm_stage(cfg, run, st, data_dir, progress=progress, cache=cache)
+        val = {k: round(v, 3) if isinstance(v, float) else v for k, v in m['val'].items() if not isinstance(v, dict)}
+        log(f"[train] stage {st}: {m['steps']} steps in {m['wall_s']:.0f}s ({m['samples_per_s']:.1f} samples/s), val {json.dumps(val)}", flush=True)
+        if st == '2' and not (run/'stage2'/'code_labels.json').exists():
+            lab = write_code_labels(run, datasets=pre)
+            log(f"[train] code labels for {lab['regions']} regions; {lab['duplicate_regions']} share a code with another region of their image", flush=True)
+        out[st] = m
+    return out
 
 # %% ../nbs/07_train.ipynb #b183ba4b
 ARCHS = {   # shapes of the LLMs and tower the presets name (public configs), for random-weight benchmarks

@@ -115,3 +115,34 @@ def test_train_all_stages_contract(tmp_path):
     m5 = (tmp_path/'r'/'stage5'/'metrics.json').read_text()
     out = medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--stage', 'all', '--quiet', '--set', steps)
     assert (tmp_path/'r'/'stage5'/'metrics.json').read_text() == m5 and 'stage 5' in out.stdout
+
+def test_predict_real_files_four_outputs_no_patient_fields(tmp_path):
+    "`medsight predict` on the real chest radiograph, CT, MR and ultrasound DICOMs and an MNI152 slice: four outputs each, no patient name or ID anywhere."
+    import pydicom
+    from medsight.infer import example_files
+    steps = 'train.steps={"1": 3, "2": 2, "3": 1, "4": 1, "5": 3},train.batch_size=4,train.val_samples=0'
+    medsight('data', 'shapes', '--n', 30, '--out', tmp_path/'d', '--quiet')
+    medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--quiet', '--set', steps)
+    phi = set()
+    for name, ex in example_files().items():
+        extra = ['--modality', ex['modality']] if ex['modality'] else []
+        for k, v in ex['options'].items(): extra += [f'--{k}', str(v)]
+        out = tmp_path/'p'/name
+        p = medsight('predict', '--run', tmp_path/'r', '--image', ex['path'], '--question', ex['question'], '--out', out,
+                     '--max_new_tokens', 12, '--quiet', *extra)
+        rec = json.loads(p.stdout.splitlines()[0])
+        stem = Path(ex['path']).name.split('.')[0]
+        full = json.loads((out/f'{stem}.json').read_text())
+        assert rec['text'] == full['text'] and {'text', 'regions', 'warnings'} <= set(full)
+        for g in full['regions']: assert {'token', 'modality', 'code', 'score', 'rle', 'shape'} <= set(g) and (out/g['file']).exists()
+        for f in (f'{stem}_overlay.png', f'{stem}_mask.png') + ((f'{stem}_mask.nii.gz',) if ex['path'].endswith('.nii.gz') else ()):
+            assert (out/f).stat().st_size > 0, f
+        if ex['path'].endswith('.dcm'):
+            ds = pydicom.dcmread(ex['path'], stop_before_pixels=True)
+            phi |= {str(ds.PatientName), str(ds.PatientID)} - {''}
+        for v in phi: assert v not in p.stdout + p.stderr, (name, v)
+    files = [f for f in (tmp_path/'p').rglob('*') if f.is_file()]
+    assert len(files) >= 5 * 4 and len(phi) == 8
+    for f in files:
+        blob = f.read_bytes()
+        for v in phi: assert v.encode() not in blob, (f, v)

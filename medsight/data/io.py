@@ -80,10 +80,16 @@ def _check_finite(x, path):
         raise DataError(f'{n:,} of {x.size:,} values are NaN or infinite', path=path,
                         hint='replace them (e.g. by the background value) before saving; medsight will not guess')
 
+def _as_int(i, name:str) -> int:
+    "`i` as an `int`, refusing floats, strings and bools with a `ConfigError` naming argument `name`."
+    if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+        raise ConfigError(f'{name} must be an integer, not {i!r}', field=name, hint=f'pass {name}=0, 1, … (or None for the default)')
+    return int(i)
+
 def _index(i, n, path, name, default, what):
     "Check index `i` (negative counts from the end) against the file's `n` `what`; `None` gives `default`."
     if i is None: return default
-    if not -n <= int(i) < n:
+    if not -n <= _as_int(i, name) < n:
         raise DataError(f'{name}={i} is out of range: the file has {n} {what} (valid 0..{n-1})', path=path, field=name)
     return int(i) % n
 
@@ -164,10 +170,15 @@ def _pil_open(path, fmt):
                             hint='downsample it with another tool first') from None
         except Exception as e: raise DataError(f'cannot open {fmt} file: {_short(e)}', path=path) from e
 
+def _n_pages(im, path, fmt) -> int:
+    "The number of pages of an open Pillow image (counting them reads every page header, which may be corrupt)."
+    with _reading(path, f'{fmt} page headers', hint='the file is probably truncated or corrupt; copy it again'):
+        return getattr(im, 'n_frames', 1)
+
 def _pil_frame(im, path, fmt, frame, scale, max_pixels):
     "Decode page `frame` of an open Pillow image into (image, meta)."
     from PIL import ImageOps
-    n = getattr(im, 'n_frames', 1)
+    n = _n_pages(im, path, fmt)
     frame = _index(frame, n, path, 'frame', 0, 'pages')
     with _reading(path, f'{fmt} page {frame}'): im.seek(frame)
     w, h = im.size
@@ -247,7 +258,7 @@ def _dicom_pixels(ds, i, n_frames, path):
     "Decode frame `i` of `ds`: (rows, cols) or (rows, cols, 3); colour converted to RGB."
     from pydicom.pixels import pixel_array, apply_color_lut
     try:
-        a = pixel_array(ds, index=i if n_frames > 1 else None)
+        a = pixel_array(ds, index=i if n_frames > 1 else None, allow_excess_frames=False)   # the header's frame count rules
         if ds.PhotometricInterpretation == 'PALETTE COLOR': a = apply_color_lut(a, ds)
         return a
     except Exception as e:
@@ -301,8 +312,8 @@ def _modality(code):
 
 def _dicom_frames(ds, path, max_pixels):
     "Check `ds` is a decodable image within the pixel cap; return its number of frames."
-    _check_dicom_image(ds, path)
-    with _reading(path, 'DICOM image tags', hint='the file is probably truncated or corrupt'):
+    with _reading(path, 'DICOM image tags', hint='the file is probably truncated or corrupt'):   # tags are parsed lazily: a corrupt one fails here
+        _check_dicom_image(ds, path)
         rows, cols, n = int(ds.Rows), int(ds.Columns), int(ds.get('NumberOfFrames') or 1)
     _check_pixels(rows, cols, max_pixels, path)
     return n
@@ -310,8 +321,11 @@ def _dicom_frames(ds, path, max_pixels):
 def _dicom_image(ds, path, frame, window, n_frames):
     "Frame `frame` of dataset `ds` as (image, meta)."
     i = _index(frame, n_frames, path, 'frame', n_frames // 2, 'frames')
-    fds = _frame_ds(ds, i)
+    with _reading(path, 'DICOM display tags', hint='the file is probably truncated or corrupt'): fds = _frame_ds(ds, i)
     a = _dicom_pixels(ds, i, n_frames, path)
+    if a.ndim not in (2, 3) or a.shape[:2] != (int(ds.Rows), int(ds.Columns)):
+        raise DataError(f'decoded pixels have shape {a.shape}, not the {ds.Rows}×{ds.Columns} of the header', path=path,
+                        hint='the header or the pixel data is corrupt; export the image again')
     with _reading(path, 'DICOM display tags', hint='the file has invalid rescale or window tags'):
         if a.ndim == 3:                                   # colour: RGB after conversion
             bits = int(ds.RedPaletteColorLookupTableDescriptor[2]) if 'RedPaletteColorLookupTableDescriptor' in ds else int(ds.BitsStored)
@@ -350,6 +364,8 @@ def load_volume(path,                # a .nii or .nii.gz file
         volume = _index(volume, shape[3], path, 'volume', 0, 'volumes')
     elif len(shape) not in (2, 3):
         raise DataError(f'NIfTI has {len(shape)} dimensions (shape {shape}); only 2-, 3- and 4-D are read', path=path)
+    if 0 in shape[:3]:
+        raise DataError(f'NIfTI volume is empty (shape {shape})', path=path, hint='the header is corrupt or the volume was saved empty')
     cap = MAX_VOXELS if max_voxels is None else max_voxels
     if (n := int(np.prod(shape[:3]))) > cap:
         raise DataError(f'volume has {n:,} voxels, above the cap of {cap:,}', path=path,
@@ -368,7 +384,8 @@ def load_volume(path,                # a .nii or .nii.gz file
 # %% ../../nbs/01a_data.io.ipynb #0a4bf55e
 def _check_axis(axis):
     "Refuse a slicing axis other than 0, 1 or 2."
-    if axis not in (0, 1, 2): raise ConfigError(f'axis must be 0 (sagittal), 1 (coronal) or 2 (axial), not {axis!r}', field='axis')
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)) or axis not in (0, 1, 2):
+        raise ConfigError(f'axis must be 0 (sagittal), 1 (coronal) or 2 (axial), not {axis!r}', field='axis')
 
 def _volume_window(vol, window):
     "The (center, width) and rule for a whole volume: `window` if given, else its percentiles."
@@ -447,7 +464,7 @@ def iter_frames(path,                # a multi-frame DICOM, a multi-page TIFF, a
             yield _to_channels(img, channels), meta
     else:
         with _pil_open(path, fmt) as im:
-            for i in range(getattr(im, 'n_frames', 1)):
+            for i in range(_n_pages(im, path, fmt)):
                 img, meta = _pil_frame(im, path, fmt, i, scale, max_pixels)
                 yield _to_channels(img, channels), meta
 
@@ -477,7 +494,8 @@ def load_dicom_seg(path,               # a DICOM Segmentation Storage file
     if (fmt := image_format(path)) != 'dicom':
         raise DataError(f'load_dicom_seg reads DICOM-SEG files, not {fmt}', path=path)
     ds = _read_dicom(path)
-    if not _is_seg(ds): raise DataError(f"not a DICOM-SEG object (Modality {ds.get('Modality')!r})", path=path,
+    with _reading(path, 'DICOM tags', hint='the file is probably truncated or corrupt'): is_seg = _is_seg(ds)
+    if not is_seg: raise DataError(f"not a DICOM-SEG object (Modality {ds.get('Modality')!r})", path=path,
                                         hint='read images with load_image(path)')
     if 'PixelData' not in ds: raise DataError('DICOM-SEG has no pixel data (the file is probably truncated)', path=path)
     with _reading(path, 'DICOM-SEG', hint='the segmentation object is incomplete or corrupt'):

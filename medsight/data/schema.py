@@ -25,10 +25,27 @@ class SchemaError(DataError):
 
 # %% ../../nbs/01b_data.schema.ipynb #8f3e1419
 def _as_image(img):
+    "`img` as a float32 array: uint8 scaled to [0, 1], bool to 0/1."
     img = np.asarray(img)
     if img.dtype == np.uint8: return img.astype(np.float32) / 255
     if img.dtype == bool: return img.astype(np.float32)
     return img.astype(np.float32, copy=False)
+
+def _dicts(xs, keys, field, row) -> list:
+    "`xs` as a list of dicts that each hold `keys`, or a `SchemaError` naming the first item that does not."
+    if isinstance(xs, (str, bytes, dict, np.ndarray)) or not hasattr(xs, '__iter__'):
+        raise SchemaError(f'must be a list of dicts, got {type(xs).__name__}', row=row, field=field)
+    xs = list(xs)
+    for i, x in enumerate(xs):
+        if not isinstance(x, dict) or any(k not in x for k in keys):
+            raise SchemaError(f'must be a dict with {" and ".join(keys)}, got {x!r:.80}', row=row, field=f'{field}[{i}]')
+    return xs
+
+def _convert(f, x, field, row, hint=None):
+    "`f(x)`, or a `SchemaError` naming `field` when `x` cannot be converted."
+    try: return f(x)
+    except (TypeError, ValueError, OverflowError, OSError) as e:     # OSError: Pillow cannot identify stored bytes
+        raise SchemaError(f'cannot be converted ({type(e).__name__}: {str(e)[:120]})', row=row, field=field, hint=hint) from None
 
 def make_sample(image,                # H×W or H×W×3, float in [0, 1] or uint8
                 modality:str,         # the modality name
@@ -38,15 +55,23 @@ def make_sample(image,                # H×W or H×W×3, float in [0, 1] or uint
                 task:str='',          # task type
                 answer:str='',        # short canonical answer for scoring
                 meta:dict=None) -> dict:
-    "A grounded-sample dict with defaults filled in."
+    "A grounded-sample dict with defaults filled in; what cannot be converted is a `SchemaError` naming the field."
+    row = str(id) or None
+    regions, conversations = _dicts(regions, ('name', 'mask'), 'regions', row), _dicts(conversations, ('role', 'content'), 'conversations', row)
+    if meta is not None and not isinstance(meta, dict): raise SchemaError(f'must be a dict or None, got {type(meta).__name__}', row=row, field='meta')
     meta = dict(meta or {})
-    if meta.get('extra') is not None and not isinstance(meta['extra'], str): meta['extra'] = json.dumps(meta['extra'])
-    return dict(id=str(id), image=_as_image(image), modality=modality,
-                regions=[dict(name=r['name'], mask=np.asarray(r['mask']).astype(bool), label=r.get('label')) for r in regions],
+    if meta.get('extra') is not None and not isinstance(meta['extra'], str):
+        meta['extra'] = _convert(json.dumps, meta['extra'], 'meta.extra', row, 'extras must be JSON-serialisable')
+    group, spacing = meta.get('group'), meta.get('spacing')
+    return dict(id=str(id), image=_convert(_as_image, image, 'image', row, 'pass an H×W or H×W×3 array, float in [0, 1] or uint8'),
+                modality=modality,
+                regions=[dict(name=r['name'], mask=_convert(lambda m: np.asarray(m).astype(bool), r['mask'], f'regions[{i}].mask', row),
+                              label=r.get('label')) for i, r in enumerate(regions)],
                 conversations=[dict(role=c['role'], content=c['content']) for c in conversations],
                 task=task, answer=str(answer),
-                meta=dict(source=meta.get('source', ''), group=str(meta.get('group') or id),
-                          spacing=[float(s) for s in (meta.get('spacing') or [])], extra=meta.get('extra') or ''))
+                meta=dict(source=meta.get('source', ''), group=str(id) if group is None or (isinstance(group, str) and not group) else str(group),
+                          spacing=_convert(lambda v: [float(s) for s in v], [] if spacing is None else spacing, 'meta.spacing', row),
+                          extra=meta.get('extra') or ''))
 
 # %% ../../nbs/01b_data.schema.ipynb #8df3959a
 def _check_image(img, err):
@@ -76,7 +101,7 @@ def _check_conversations(convs, n_regions, regions, err):
     n_img = 0
     for i, c in enumerate(convs):
         f = f'conversations[{i}]'
-        if not isinstance(c, dict) or c.get('role') not in ROLES: raise err(f'{f}.role', f"must be one of {ROLES}, got {c.get('role') if isinstance(c, dict) else c!r}")
+        if not isinstance(c, dict) or not isinstance(c.get('role'), str) or c['role'] not in ROLES: raise err(f'{f}.role', f"must be one of {ROLES}, got {c.get('role') if isinstance(c, dict) else c!r}")
         if not isinstance(c.get('content'), str): raise err(f'{f}.content', 'must be a string')
         k = c['content'].count(IMAGE_TOKEN); n_img += k
         if k and (i != 0 or c['role'] != 'user'): raise err(f'{f}.content', f'{IMAGE_TOKEN} may only appear in the first user turn')
@@ -108,8 +133,9 @@ def validate_sample(sample:dict,           # a decoded grounded sample
         if mod not in reg: raise err('modality', f'unknown modality {mod!r}', f'the dataset knows {reg.names}')
     _check_regions(sample['regions'], sample['image'].shape[:2], err)
     _check_conversations(sample['conversations'], len(sample['regions']), sample['regions'], err)
-    meta = sample.get('meta') or {}
-    if not isinstance(meta, dict): raise err('meta', 'must be a dict')
+    meta = sample.get('meta')
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict): raise err('meta', f'must be a dict, got {type(meta).__name__}')
     bad = [k for k in meta if k not in META_KEYS]
     if bad: raise err(f'meta.{bad[0]}', 'is not a meta field', f'known: {META_KEYS}; put extras in meta.extra as JSON')
     return sample
@@ -148,11 +174,14 @@ def _to_array(x):
 
 def decode_sample(row:dict) -> dict:
     "A stored row (PIL images) back to a numpy sample: float32 image in [0, 1], bool masks."
-    img = _to_array(row['image'])
+    if not isinstance(row, dict) or 'image' not in row: raise SchemaError('a stored row must be a dict with an image', field='image')
+    rid, regions = row.get('id'), _dicts(row.get('regions', []), ('name', 'mask'), 'regions', row.get('id'))
+    img = _convert(_to_array, row['image'], 'image', rid, 'a stored image is a PIL image or {"bytes": PNG bytes}')
     if img.dtype != np.uint8 and img.dtype != bool: raise SchemaError(f'stored image has dtype {img.dtype}, expected 8-bit', row=row.get('id'), field='image')
     if img.ndim == 3 and img.shape[-1] == 4: img = img[..., :3]
     return {**row, 'image': img.astype(np.float32) / 255,
-            'regions': [dict(name=r['name'], mask=_to_array(r['mask']).astype(bool), label=r['label']) for r in row['regions']]}
+            'regions': [dict(name=r['name'], mask=_convert(lambda m: _to_array(m).astype(bool), r['mask'], f'regions[{i}].mask', rid),
+                             label=r.get('label')) for i, r in enumerate(regions)]}
 
 # %% ../../nbs/01b_data.schema.ipynb #27d369eb
 def group_split(groups:list,                        # one group id per sample
