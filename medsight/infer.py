@@ -11,8 +11,8 @@ import numpy as np
 from .core import MedSightError, DataError, ConfigError, CheckpointError, ModalityRegistry, atomic_write_text
 
 # %% auto #0
-__all__ = ['Predictor', 'load_predictor', 'as_predictor', 'resolve_modality', 'region_names', 'read_input', 'predict',
-           'answer_record', 'region_labels', 'plot_answer', 'mask_volume', 'save_prediction', 'input_files',
+__all__ = ['GENERIC_NAMES', 'Predictor', 'load_predictor', 'as_predictor', 'resolve_modality', 'region_names', 'read_input',
+           'predict', 'answer_record', 'region_labels', 'plot_answer', 'mask_volume', 'save_prediction', 'input_files',
            'file_stem', 'predict_files', 'predict_split', 'example_files', 'predict_examples']
 
 # %% ../nbs/09_infer.ipynb #d38e5d62
@@ -74,6 +74,7 @@ def resolve_modality(pred:Predictor,        # the predictor
 
 # %% ../nbs/09_infer.ipynb #2dce5614
 _CODE = re.compile(r'\[M\d+_\d+\]')
+GENERIC_NAMES = ('lesion', 'mass', 'nodule', 'finding', 'abnormality')   # region words an answer may use besides the class names
 
 def region_names(text:str,        # the answer text, code tokens inline
                  vocab) -> list:  # class names to look for
@@ -105,7 +106,7 @@ def _answer(pred, images, questions, modalities, warns):
     answers = [a for _, a in sorted(outs, key=lambda t: t[0])]
     for a, w in zip(answers, warns):
         a.warnings = list(w) + list(a.warnings)
-        a.names = region_names(a.text, pred.classes)
+        a.names = region_names(a.text, pred.classes + [w for w in GENERIC_NAMES if w not in pred.classes])
     return answers
 
 def predict(model,                 # a run directory, a `MedSightForCausalLM` or a `Predictor`
