@@ -362,7 +362,6 @@ def demo(out:str='medsight_demo',   # output directory (re-running resumes)
 
 # %% ../nbs/10_cli.ipynb #d9b17064
 def _stage_rows(stages:dict) -> list:
-    from medsight.train import llm_spec, region_spec
     rows = ['| stage | trains | steps | wall (s) | samples/s | peak memory (MB) | validation |', '|---|---|---|---|---|---|---|']
     for st, m in stages.items():
         val = ', '.join(f'{k} {v:.3f}' for k, v in m['val'].items() if isinstance(v, float))
