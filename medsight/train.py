@@ -17,14 +17,14 @@ from .core import (MedSightError, ConfigError, CheckpointError, RunConfig,
 from .codebook import code_token
 
 # %% auto #0
-__all__ = ['STAGES', 'PICKLE_SUFFIXES', 'STAGE_NAMES', 'ARCHS', 'StageSpec', 'apply_freeze', 'set_train_mode', 'param_groups',
-           'lr_factor', 'make_scheduler', 'to_device', 'batch_len', 'model_tensors', 'save_checkpoint',
-           'verify_checkpoint', 'checkpoint_dirs', 'find_checkpoint', 'load_weights', 'load_checkpoint',
-           'init_distributed', 'TrainError', 'Trainer', 'read_metrics', 'peak_memory_mb', 'is_done', 'plot_metrics',
-           'fit', 'train_args', 'region_batches', 'load_region_data', 'stage1_skip', 'load_region_model', 'region_spec',
-           'region_val', 'train_region_stage', 'write_code_labels', 'codebook_report', 'llm_spec', 'attach_lora',
-           'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss', 'llm_val', 'train_llm_stage', 'parse_stages',
-           'train_run', 'random_llm', 'bench']
+__all__ = ['STAGES', 'SIGNATURE', 'PICKLE_SUFFIXES', 'STAGE_NAMES', 'ARCHS', 'StageSpec', 'apply_freeze', 'set_train_mode',
+           'param_groups', 'lr_factor', 'make_scheduler', 'to_device', 'batch_len', 'model_tensors', 'model_signature',
+           'check_signature', 'save_checkpoint', 'verify_checkpoint', 'checkpoint_dirs', 'find_checkpoint',
+           'load_weights', 'load_checkpoint', 'init_distributed', 'TrainError', 'Trainer', 'read_metrics',
+           'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches', 'load_region_data',
+           'stage1_skip', 'load_region_model', 'region_spec', 'region_val', 'train_region_stage', 'write_code_labels',
+           'codebook_report', 'llm_spec', 'attach_lora', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss',
+           'llm_val', 'train_llm_stage', 'parse_stages', 'train_run', 'random_llm', 'bench']
 
 # %% ../nbs/07_train.ipynb #53d0a168
 @dataclass
@@ -217,6 +217,45 @@ def _optim_unflat(optimizer, model, tensors:dict, js:dict, path=None) -> dict:
         n, key = k.rsplit('.', 1); state.setdefault(name_idx[n], {})[key] = v
     return dict(state=state, param_groups=groups)
 
+# %% ../nbs/07_train.ipynb #e68e056f
+SIGNATURE = {   # setting: (the tensors it shapes — skipping them skips the comparison —, what to do when it differs)
+    'codebook.codes_per_modality': ('codebook.', "set codebook.codes_per_modality to the checkpoint's value, or train stages 2–5 again"),
+    'modalities': ('codebook.', 'the data has other modalities than the checkpoint was trained on: use that data, or train again'),
+    'classes': ('perceiver.', 'the data has another region class list than the checkpoint was trained on: use that data, or train again'),
+    'tokenizer.size': ('llm.', 'use the LLM and tokenizer the checkpoint was trained with (llm.kind, llm.path in RUN/config.json)'),
+    'tokenizer.sha256': ('llm.', 'same size, another vocabulary: use the tokenizer the checkpoint was trained with (llm.kind, llm.path)')}
+
+def model_signature(model:nn.Module) -> dict:
+    "The settings a checkpoint of `model` must agree on (those the model has): codebook size, modalities, classes, tokenizer."
+    sig, conf = {}, getattr(model, 'config', None)
+    cb = getattr(model, 'codebook', None)
+    if cb is not None and hasattr(cb, 'K'): sig['codebook.codes_per_modality'] = int(cb.K)
+    for k in ('modalities', 'classes'):
+        if v := getattr(model, k, None) or getattr(conf, k, None): sig[k] = list(v)
+    if (tok := getattr(model, 'tokenizer', None)) is not None:
+        n = getattr(conf, 'first_new_id', None) or len(tok)             # the LLM's own tokens, before <image> and the codes
+        own = sorted((t, i) for t, i in tok.get_vocab().items() if i < n)
+        sig['tokenizer.size'] = n
+        sig['tokenizer.sha256'] = hashlib.sha256(json.dumps(own, ensure_ascii=False).encode()).hexdigest()[:16]
+    return sig
+
+def _differs(a, b) -> str:
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        return f'entry {i} is {a[i]!r} in the checkpoint, {b[i]!r} in this model'
+    short = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:59] + '…'
+    return f'{short(a)} in the checkpoint, {short(b)} in this model'
+
+def check_signature(saved:dict,         # the checkpoint's signature (from its checkpoint.json)
+                    model:nn.Module,    # the model it is about to be loaded into
+                    path=None,          # the checkpoint, for the message
+                    skip:tuple=()):     # tensor-name prefixes that will not be loaded
+    "Raise a `CheckpointError` naming the first setting on which the checkpoint and `model` differ."
+    own = model_signature(model)
+    for k, (prefix, hint) in SIGNATURE.items():
+        if k not in saved or k not in own or saved[k] == own[k] or prefix in skip: continue
+        raise CheckpointError(f'the checkpoint was made with another {k}: {_differs(saved[k], own[k])}', path=path, field=k, hint=hint)
+
 # %% ../nbs/07_train.ipynb #696f658a
 def _sha256(path, chunk:int=1 << 22) -> str:
     h = hashlib.sha256()
@@ -259,7 +298,8 @@ def save_checkpoint(ckpt_dir,               # the checkpoint directory to (re)pl
     atomic_write_text(tmp/'train_state.json', json.dumps(state))
     files = {f.name: dict(bytes=f.stat().st_size, sha256=_sha256(f)) for f in sorted(tmp.iterdir())}
     atomic_write_text(tmp/'checkpoint.json', json.dumps(dict(format='medsight-checkpoint', version=1, step=int(step),
-                                                             files=files, created=time.time()), indent=1))
+                                                             files=files, created=time.time(),
+                                                             signature=model_signature(model)), indent=1))
     _swap_in(tmp, ckpt_dir)
     return ckpt_dir
 
@@ -330,6 +370,10 @@ def load_weights(model:nn.Module,   # the model to copy weights into (in place)
     from safetensors.torch import load_file
     f = _weights_file(path)
     if not f.exists(): raise CheckpointError('no model.safetensors', path=f)
+    if (man := f.parent/'checkpoint.json').exists():            # settings first: nothing is read from a checkpoint that does not fit
+        try: saved = json.loads(man.read_text()).get('signature') or {}
+        except (OSError, json.JSONDecodeError): saved = {}        # a broken manifest is verify_checkpoint's to report
+        check_signature(saved, model, man, skip)
     try: raw = load_file(str(f))
     except Exception as e: raise CheckpointError(f'not a readable safetensors file ({type(e).__name__}: {e})', path=f,
                                                  hint='the file is truncated or corrupt; use an older checkpoint') from None

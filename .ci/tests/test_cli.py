@@ -116,19 +116,25 @@ def test_train_all_stages_contract(tmp_path):
     out = medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--stage', 'all', '--quiet', '--set', steps)
     assert (tmp_path/'r'/'stage5'/'metrics.json').read_text() == m5 and 'stage 5' in out.stdout
 
-def test_predict_real_files_four_outputs_no_patient_fields(tmp_path):
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    "A run of all five stages, a few steps each: the path, not the model."
+    d = tmp_path_factory.mktemp('tiny_run')
+    steps = 'train.steps={"1": 3, "2": 2, "3": 1, "4": 1, "5": 3},train.batch_size=4,train.val_samples=0'
+    medsight('data', 'shapes', '--n', 30, '--out', d/'d', '--quiet')
+    medsight('train', '--data', d/'d', '--out', d/'r', '--quiet', '--set', steps)
+    return d/'r'
+
+def test_predict_real_files_four_outputs_no_patient_fields(tmp_path, tiny_run):
     "`medsight predict` on the real chest radiograph, CT, MR and ultrasound DICOMs and an MNI152 slice: four outputs each, no patient name or ID anywhere."
     import pydicom
     from medsight.infer import example_files
-    steps = 'train.steps={"1": 3, "2": 2, "3": 1, "4": 1, "5": 3},train.batch_size=4,train.val_samples=0'
-    medsight('data', 'shapes', '--n', 30, '--out', tmp_path/'d', '--quiet')
-    medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--quiet', '--set', steps)
     phi = set()
     for name, ex in example_files().items():
         extra = ['--modality', ex['modality']] if ex['modality'] else []
         for k, v in ex['options'].items(): extra += [f'--{k}', str(v)]
         out = tmp_path/'p'/name
-        p = medsight('predict', '--run', tmp_path/'r', '--image', ex['path'], '--question', ex['question'], '--out', out,
+        p = medsight('predict', '--run', tiny_run, '--image', ex['path'], '--question', ex['question'], '--out', out,
                      '--max_new_tokens', 12, '--quiet', *extra)
         rec = json.loads(p.stdout.splitlines()[0])
         stem = Path(ex['path']).name.split('.')[0]
@@ -146,3 +152,42 @@ def test_predict_real_files_four_outputs_no_patient_fields(tmp_path):
     for f in files:
         blob = f.read_bytes()
         for v in phi: assert v.encode() not in blob, (f, v)
+
+PHI = dict(PatientName='Roewinkel^Martabelle^Quixley', PatientID='MRN-55120-ZK', PatientBirthDate='19390217', AccessionNumber='ACC-7781-QQ',
+           OtherPatientIDs='ALT-30417-PX', PatientAddress='12 Marker Lane', InstitutionName='Quux Memorial Infirmary',
+           ReferringPhysicianName='Vandermeerhout^Ottokar', StudyID='STUDY-64021')
+
+def test_patient_fields_reach_no_file_report_or_log(tmp_path, tiny_run):
+    "DICOMs with patient name, ID, birth date, accession number (and more) set: convert → check → predict → evaluate; no value in any file or log."
+    import pydicom
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+    raw = tmp_path/'raw'; (raw/'img').mkdir(parents=True); (raw/'mask').mkdir()
+    rows = ['image,mask,name,modality,group']
+    for i, (src, mod) in enumerate([('MR_small.dcm', 'MRI'), ('CT_small.dcm', 'CT')] * 3):
+        ds = pydicom.dcmread(get_testdata_file(src))
+        for k, v in PHI.items(): setattr(ds, k, v)
+        ds.save_as(raw/'img'/f'scan{i}.dcm')
+        a = ds.pixel_array.astype(float)
+        Image.fromarray(((a > np.percentile(a, 60)) * 255).astype(np.uint8)).save(raw/'mask'/f'scan{i}.png')
+        rows.append(f'img/scan{i}.dcm,mask/scan{i}.png,body,{mod},case{i}')
+    (raw/'manifest.csv').write_text('\n'.join(rows) + '\n')
+    logs = [medsight('data', 'convert', raw, '--out', tmp_path/'ds', '--quiet'),
+            medsight('data', 'check', tmp_path/'ds', '--quiet', ok=False),
+            medsight('predict', '--run', tiny_run, '--image', raw/'img', '--question', 'Segment the body.', '--out', tmp_path/'pred',
+                     '--max_new_tokens', 8, '--quiet'),
+            medsight('predict', '--run', tiny_run, '--data', tmp_path/'ds', '--split', 'train', '--out', tmp_path/'pred_split',
+                     '--max_new_tokens', 8, '--quiet'),
+            medsight('eval', '--run', tiny_run, '--data', tmp_path/'ds', '--split', 'train', '--out', tmp_path/'eval',
+                     '--max_new_tokens', 8, '--no_regions', '--quiet')]
+    assert logs[1].returncode in (0, 1) and 'Traceback' not in logs[1].stderr, logs[1].stderr
+    assert (tmp_path/'eval'/'report.md').exists() and len(list((tmp_path/'pred').glob('*_overlay.png'))) == 6
+    pieces = {p for v in PHI.values() for p in (v, v.replace('^', ' '), *v.split('^')) if len(p) >= 6}   # shorter ones occur in PNG bytes by chance
+    assert all(v.encode() in (raw/'img'/'scan0.dcm').read_bytes() for v in PHI.values())   # the inputs do hold them
+    files = [f for d in ('ds', 'pred', 'pred_split', 'eval') for f in (tmp_path/d).rglob('*') if f.is_file()]
+    assert len(files) > 30, len(files)
+    for f in files:
+        blob = f.read_bytes()
+        for v in pieces: assert v.encode() not in blob, (f, v)
+    for p in logs:
+        for v in pieces: assert v not in p.stdout + p.stderr, (p.args[:3], v)
