@@ -311,18 +311,19 @@ def _device_name():
 DEMO_STEPS = {'1': 300, '2': 150, '3': 15, '4': 30, '5': 450}   # half the tiny preset's schedule (600/300/30/60/900): ~7 min on 2 cores
 FAST_STEPS = {'1': 10, '2': 5, '3': 2, '4': 2, '5': 4}
 
-def _prepare_demo(out:Path, want:dict, quiet:bool) -> Path:
-    "Build (or keep) the demo's MedShapes; a change of settings starts the run over."
+def _prepare_demo(out:Path, want:dict, quiet:bool) -> tuple:
+    "Build (or keep) the demo's MedShapes; a change of settings starts the run over. `(data dir, built now?)`"
     import shutil
     from medsight.data.shapes import build_medshapes
     data, state_file = out/'data', out/'demo_state.json'
     have = json.loads(state_file.read_text()) if state_file.exists() else None
-    if have == want and (data/'medsight.json').exists(): print(f'[demo] MedShapes already built in {data}: kept'); return data
+    if have == want and (data/'medsight.json').exists(): print(f'[demo] MedShapes already built in {data}: kept'); return data, False
     print(f"[demo] building MedShapes ({want['n']} samples, seed {want['seed']})", flush=True)
     for d in ('run', 'eval', 'predict'): shutil.rmtree(out/d, ignore_errors=True)
+    (out/'timings.json').unlink(missing_ok=True)
     build_medshapes(data, n=want['n'], seed=want['seed'], size=64, progress=not quiet, overwrite=True)
     atomic_write_text(state_file, json.dumps(want))
-    return data
+    return data, True
 
 # %% ../nbs/10_cli.ipynb #57895170
 @command('demo')
@@ -341,15 +342,19 @@ def demo(out:str='medsight_demo',   # output directory (re-running resumes)
     over = {'seed': seed, 'train.steps': steps, 'train.val_samples': 16, **({'train.batch_size': 8, 'train.val_samples': 4, 'train.max_new_tokens': 8} if fast else {})}
     cfg = get_preset('tiny', over)
     if fast: n, eval_n = min(n, 60), min(eval_n, 8)
-    data = _prepare_demo(out, dict(n=n, seed=seed, size=64, steps=steps, eval_n=eval_n, fast=fast), quiet)
+    data, built = _prepare_demo(out, dict(n=n, seed=seed, size=64, steps=steps, eval_n=eval_n, fast=fast), quiet)
+    tfile = out/'timings.json'                                 # a re-run keeps the times of the parts it keeps
+    old = json.loads(tfile.read_text()) if tfile.exists() else {}
+    kept = {'data': not built}
     secs['data'] = time.time() - t0
     stages = train_run(cfg, data, out/'run', progress=not quiet, log=lambda s, **k: print(s.replace('[train]', '[demo]'), flush=True))
     secs['training (5 stages)'] = sum(m['wall_s'] for m in stages.values())
     t = time.time()
     rep_file = out/'eval'/'codebook_report.json'
+    kept['mask tokenizer report'] = rep_file.exists()
     rep = json.loads(rep_file.read_text()) if rep_file.exists() else codebook_report(out/'run', data, out/'eval')
     secs['mask tokenizer report'] = time.time() - t; t = time.time()
-    mfile = out/'eval'/'metrics.json'
+    mfile = out/'eval'/'metrics.json'; kept['evaluation'] = mfile.exists()
     if mfile.exists(): metrics = json.loads(mfile.read_text()); print('[demo] evaluation already done: kept')
     else: metrics = evaluate_run(out/'run', data, 'test', out/'eval', n=eval_n, max_new_tokens=cfg.train.max_new_tokens, regions=False, progress=not quiet)
     print(f"[demo] evaluation: {json.dumps({k: round(metrics['overall'][k], 3) for k in ('dice', 'dice_union', 'diagnosis_recall', 'closed_acc') if metrics['overall'][k] is not None})}", flush=True)
@@ -357,7 +362,12 @@ def demo(out:str='medsight_demo',   # output directory (re-running resumes)
     pred = load_predictor(out/'run', max_new_tokens=cfg.train.max_new_tokens)
     preds = predict_split(pred, data, out/'predict'/'test', n=4, progress=False) + predict_examples(pred, out/'predict'/'real')
     secs['predictions'] = time.time() - t
-    _demo_report(out, json.loads((data/'medsight.json').read_text()), stages, rep, metrics, preds, cfg, seed, secs, time.time() - t0)
+    parts = old.get('parts', {})
+    secs = {k: parts[k] if kept.get(k) and k in parts else v for k, v in secs.items()}
+    total = time.time() - t0 if built or not old else old['total'] + sum(v - parts.get(k, 0) for k, v in secs.items())
+    atomic_write_text(tfile, json.dumps(dict(parts=secs, total=total)))
+    _demo_report(out, json.loads((data/'medsight.json').read_text()), stages, rep, metrics, preds, cfg, seed, secs, total,
+                 None if built else time.time() - t0)
     print(f'[demo] wrote {out/"report.md"} in {time.time() - t0:.1f}s')
 
 # %% ../nbs/10_cli.ipynb #d9b17064
@@ -383,7 +393,7 @@ def _answer_rows(preds:list, base:str) -> list:
         rows.append(f"| {name}<br>({what}) | **Q:** {r['question']}<br>**A:** {ans}{warn} | {regs} | ![{name}]({base}/{r['overlay']}) |")
     return rows
 
-def _demo_report(out, info, stages, rep, metrics, preds, cfg, seed, secs, total):
+def _demo_report(out, info, stages, rep, metrics, preds, cfg, seed, secs, total, rerun=None):
     "Write `out/report.md`: data, training, mask tokenizer, evaluation, predictions, timings."
     from medsight.train import _report_md
     from medsight.eval import metrics_table, cost_md
@@ -393,6 +403,8 @@ def _demo_report(out, info, stages, rep, metrics, preds, cfg, seed, secs, total)
     figs = [f for f in ('per_modality.png', 'cases.png', 'confusion.png') if (out/'eval'/'figures'/f).exists()]
     test = [r for r in preds if 'example' not in r]; real = [r for r in preds if 'example' in r]
     timing = ['| part | seconds |', '|---|---|'] + [f'| {k} | {v:.0f} |' for k, v in secs.items()] + [f'| **total** | **{total:.0f}** |']
+    if rerun is not None: timing += ['', f'This report was rewritten by a re-run that took {rerun:.0f}s: it kept what the first run had '
+                                         'built, trained and evaluated; the times above are those of the runs that did each part.']
     lines = ['# medsight demo', '',
              f"Preset `tiny`, seed {seed}, {total:.0f}s on {_device_name()}. Steps per stage: "
              f"{', '.join(f'{k}: {v}' for k, v in cfg.train.steps.items())}. Every figure below comes from this run.", '',

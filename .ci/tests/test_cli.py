@@ -191,3 +191,31 @@ def test_patient_fields_reach_no_file_report_or_log(tmp_path, tiny_run):
         for v in pieces: assert v.encode() not in blob, (f, v)
     for p in logs:
         for v in pieces: assert v not in p.stdout + p.stderr, (p.args[:3], v)
+
+def test_same_run_same_evaluation_files(tmp_path, tiny_run):
+    "Evaluated twice, a run writes the same predictions and the same metrics (all but the measured times)."
+    def drop_times(d):
+        if isinstance(d, dict): return {k: drop_times(v) for k, v in d.items() if not re.search(r'wall|_s$|per_s|seconds|time', k)}
+        return [drop_times(v) for v in d] if isinstance(d, list) else d
+    outs = [tmp_path/f'eval{i}' for i in (1, 2)]
+    for o in outs: medsight('eval', '--run', tiny_run, '--data', tiny_run.parent/'d', '--out', o, '--max_new_tokens', 8, '--quiet')
+    a, b = ((o/'predictions.jsonl').read_bytes() for o in outs)
+    assert a == b and len(a.splitlines()) > 0
+    ma, mb = (drop_times(json.loads((o/'metrics.json').read_text())) for o in outs)
+    assert ma == mb
+    assert sorted(p.name for p in (outs[0]/'figures').iterdir()) == sorted(p.name for p in (outs[1]/'figures').iterdir())
+
+def test_same_seed_same_run_bitwise_with_one_thread(tmp_path):
+    "Two trainings of all five stages with one seed and one thread write byte-identical weights and losses."
+    medsight('data', 'shapes', '--n', 40, '--out', tmp_path/'d', '--quiet')
+    steps = 'train.steps={"1": 3, "2": 2, "3": 2, "4": 2, "5": 3},train.batch_size=4,train.val_samples=0'
+    env = {**ENV, 'OMP_NUM_THREADS': '1'}
+    for r in ('a', 'b'):
+        p = subprocess.run(['medsight', 'train', '--data', str(tmp_path/'d'), '--out', str(tmp_path/r), '--quiet', '--set', steps],
+                           capture_output=True, text=True, env=env, timeout=900)
+        assert p.returncode == 0, p.stderr
+    for s in '12345':
+        wa, wb = ((tmp_path/r/f'stage{s}'/'checkpoint'/'model.safetensors').read_bytes() for r in 'ab')
+        assert wa == wb, f'stage {s} weights differ'
+        la, lb = ([json.loads(l)['loss'] for l in (tmp_path/r/f'stage{s}'/'metrics.jsonl').read_text().splitlines()] for r in 'ab')
+        assert la == lb and la, s
