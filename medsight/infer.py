@@ -104,9 +104,10 @@ def _answer(pred, images, questions, modalities, warns):
                                            max_new_tokens=pred.max_new_tokens, modality=None if mod is None else [mod] * len(idx))
         outs += list(zip(idx, ans))
     answers = [a for _, a in sorted(outs, key=lambda t: t[0])]
+    vocab = pred.classes + [g for g in GENERIC_NAMES if g not in pred.classes]
     for a, w in zip(answers, warns):
         a.warnings = list(w) + list(a.warnings)
-        a.names = region_names(a.text, pred.classes + [w for w in GENERIC_NAMES if w not in pred.classes])
+        a.names = region_names(a.text, vocab)
     return answers
 
 def predict(model,                 # a run directory, a `MedSightForCausalLM` or a `Predictor`
