@@ -12,9 +12,9 @@ from fastcore.basics import patch
 from .core import PerceiverConfig, ConfigError, DataError
 
 # %% auto #0
-__all__ = ['sine_pos_2d', 'Attention', 'attn_mask_from_logits', 'mlp', 'up_block', 'image_skip_block', 'QueryBlock', 'PixelBlock',
-           'PixelFeatures', 'PerceiverOutput', 'RegionPerceiver', 'resize_masks', 'pair_costs', 'HungarianMatcher',
-           'dice_loss', 'perceiver_loss', 'dice_score', 'matched_dice']
+__all__ = ['sine_pos_2d', 'Attention', 'attn_mask_from_logits', 'mlp', 'up_block', 'image_skip_block', 'fine_path', 'QueryBlock',
+           'PixelBlock', 'PixelFeatures', 'PerceiverOutput', 'RegionPerceiver', 'resize_masks', 'pair_costs',
+           'HungarianMatcher', 'dice_loss', 'perceiver_loss', 'dice_score', 'matched_dice']
 
 # %% ../nbs/03_perceiver.ipynb #06281ea2
 def sine_pos_2d(h:int, w:int,                # grid size
@@ -77,6 +77,16 @@ def image_skip_block(dim:int, width:int=None) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, w, 3, padding=1, bias=False), nn.GroupNorm(math.gcd(8, w), w), nn.GELU(),
                          nn.Conv2d(w, w, 3, padding=1, bias=False), nn.GroupNorm(math.gcd(8, w), w), nn.GELU(), last)
 
+def fine_path(dim:int, width:int=None) -> nn.ModuleDict:
+    "The full-resolution mask path: `reduce` (D → d, 1×1), `skip` (image → d), `head` (d → d, 3×3) and `embed` (query → d, zero at initialisation)."
+    w = width or max(dim // 8, 8)
+    gn = lambda: nn.GroupNorm(math.gcd(8, w), w)
+    embed = nn.Linear(dim, w); nn.init.zeros_(embed.weight); nn.init.zeros_(embed.bias)
+    return nn.ModuleDict(dict(reduce=nn.Conv2d(dim, w, 1),
+                              skip=nn.Sequential(nn.Conv2d(3, w, 3, padding=1, bias=False), gn(), nn.GELU(), nn.Conv2d(w, w, 3, padding=1)),
+                              head=nn.Sequential(gn(), nn.GELU(), nn.Conv2d(w, w, 3, padding=1)), embed=embed))
+
+
 # %% ../nbs/03_perceiver.ipynb #95a8e880
 class QueryBlock(nn.Module):
     "Queries read the pixels (masked cross-attention), each other (self-attention), then an FFN."
@@ -108,6 +118,8 @@ class PixelFeatures:
     pixels:list                         # per stage s = 0..S: (B, D, h·2^s, w·2^s), query-independent
     pos:list                            # per stage: (D, h·2^s, w·2^s) sine positions
     mask_features:torch.Tensor = None   # (B, D, H, W) the last stage's per-pixel embeddings (set by `forward`)
+    image_features:torch.Tensor = None  # (B, d, S, S) with `full_res`: the image's conv path (set by `encode`)
+    fine_features:torch.Tensor = None   # (B, d, S, S) with `full_res`: full-resolution mask features (set by `forward`)
 
 @dataclass
 class PerceiverOutput:
@@ -135,6 +147,7 @@ class RegionPerceiver(nn.Module):
         self.input_proj = nn.Sequential(nn.Conv2d(in_dim, D, 1), nn.GroupNorm(math.gcd(8, D), D))
         self.ups = nn.ModuleList(up_block(D) for _ in range(S))
         self.skips = nn.ModuleList(image_skip_block(D) for _ in range(S)) if getattr(cfg, 'image_skip', False) else None
+        self.fine = fine_path(D) if getattr(cfg, 'full_res', False) else None
         self.query_blocks = nn.ModuleList(QueryBlock(D, cfg.heads, self_attn=s > 0) for s in range(S + 1))
         self.pixel_blocks = nn.ModuleList(PixelBlock(D, cfg.heads, pixel_ffn_ratio) for _ in range(S))
         self.mask_proj = nn.ModuleList(nn.Conv2d(D, D, 1) for _ in range(S + 1))
@@ -160,15 +173,23 @@ def encode(self:RegionPerceiver,
             p = p + self.skips[s](F.interpolate(image.to(p.dtype), size=p.shape[-2:], mode='bilinear', align_corners=False, antialias=True))
         pix.append(p)
     pos = [sine_pos_2d(*p.shape[-2:], self.dim, device=grid.device).to(p.dtype) for p in pix]
-    return PixelFeatures(pix, pos)
+    imf = None
+    if self.fine is not None:
+        if image is None: raise ConfigError('this perceiver has full-resolution masks: pass the image', field='perceiver.full_res',
+                                            hint='call perceiver(grid, image) or set perceiver.full_res=False')
+        imf = self.fine['skip'](image.to(pix[0].dtype))                       # (B, d, S, S)
+    return PixelFeatures(pix, pos, image_features=imf)
 
 # %% ../nbs/03_perceiver.ipynb #fde22290
 @patch
-def _predict(self:RegionPerceiver, q, mask_features):     # (B, K, D), (B, D, H, W)
-    "Mask logits (B, K, H, W) and class logits (B, K, C+1) of queries on mask features."
+def _predict(self:RegionPerceiver, q, mask_features, fine=None):     # (B, K, D), (B, D, H, W), (B, d, S, S)
+    "Mask logits (B, K, H, W) — (B, K, S, S) with fine features — and class logits (B, K, C+1) of queries."
     qn = self.norm(q)
     emb = self.mask_embed(qn)                                                    # (B, K, D)
     masks = torch.einsum('bkd,bdhw->bkhw', emb, mask_features.to(emb.dtype))    # (B, K, H, W)
+    if fine is not None:                                                         # coarse logits upsampled + a full-resolution term
+        up = F.interpolate(masks, size=fine.shape[-2:], mode='bilinear', align_corners=False)
+        masks = up + torch.einsum('bkd,bdhw->bkhw', self.fine['embed'](qn), fine.to(emb.dtype))   # (B, K, S, S)
     return masks, self.class_head(qn)
 
 @patch
@@ -179,7 +200,7 @@ def decode(self:RegionPerceiver,
     mf = features.mask_features
     if mf is None: raise ConfigError('these features have no mask features yet', hint='decode with `out.features` of a forward pass, not `encode`')
     if queries.ndim == 2: queries = queries.expand(mf.shape[0], -1, -1)           # (B, K, D)
-    masks, classes = self._predict(queries.to(self.query_feat.dtype), mf)
+    masks, classes = self._predict(queries.to(self.query_feat.dtype), mf, features.fine_features)
     ms = self.cfg.mask_size
     if ms and masks.shape[-2:] != (ms, ms):
         masks = F.interpolate(masks, size=(ms, ms), mode='bilinear', align_corners=False)
@@ -187,6 +208,12 @@ def decode(self:RegionPerceiver,
 
 # %% ../nbs/03_perceiver.ipynb #4c1aa6a7
 def _tokens(x): return x.flatten(-2).transpose(-1, -2)                       # (…, D, H, W) → (…, H·W, D)
+
+@patch
+def refine(self:RegionPerceiver, mf, imf):  # (B, D, H, W) last-stage mask features, (B, d, S, S) image features
+    "Full-resolution mask features (B, d, S, S): the last stage's, reduced and upsampled, plus the image's, through a 3×3 head."
+    up = F.interpolate(self.fine['reduce'](mf), size=imf.shape[-2:], mode='bilinear', align_corners=False)
+    return self.fine['head'](up + imf)
 
 @patch
 def forward(self:RegionPerceiver,
@@ -205,7 +232,9 @@ def forward(self:RegionPerceiver,
         if s: pix = self.pixel_blocks[s - 1](pix, pos, q, qpos)
         mf = self.mask_proj[s](pix.transpose(1, 2).reshape(B, -1, H, W))            # (B, D, H, W)
         if s < self.n_stages: m, c = self._predict(q, mf)
-        else: f = dataclasses.replace(f, mask_features=mf); m, c = self.decode(q, f)
+        else:
+            ff = self.refine(mf, f.image_features) if self.fine is not None else None    # (B, d, S, S)
+            f = dataclasses.replace(f, mask_features=mf, fine_features=ff); m, c = self.decode(q, f)
         masks.append(m); classes.append(c)                                          # (B, N, H, W), (B, N, C+1)
     return PerceiverOutput(q, masks, classes, f)
 
