@@ -211,6 +211,7 @@ class TrainConfig:
     val_samples:int = 64         # stages 3–5: validation samples generated at the end of a stage
     max_new_tokens:int = 48      # generation budget for validation
     progressive:bool = True      # stages 3, 4 and 5 in turn (False: stage 5 alone from stage 2, with the steps of all three; an ablation)
+    vision_cache_mb:float = 4096 # stages 3–5: keep the frozen encoder's and perceiver's outputs per training image, up to this many MB (0: off)
 
 # %% ../nbs/00_core.ipynb #30979c08
 @dataclass

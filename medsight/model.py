@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_model.ipynb #55c0de32
 from __future__ import annotations
-import dataclasses, inspect, json, re, shutil, tempfile, uuid
+import dataclasses, hashlib, inspect, json, re, shutil, tempfile, uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -13,14 +13,14 @@ from fastcore.basics import patch
 from transformers import PretrainedConfig, PreTrainedModel
 from .core import RunConfig, LLMConfig, ConfigError, DataError, CheckpointError, config_from_dict
 from .codebook import code_token
-from .perceiver import dice_loss, resize_masks
+from .perceiver import PerceiverOutput, PixelFeatures, dice_loss, resize_masks
 from .region import RegionModel
 from .vision import unletterbox
 
 # %% auto #0
 __all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'bnb_config', 'tiny_llm_config', 'load_llm',
            'MedSightConfig', 'VisionToText', 'CodeTokens', 'region_evidence', 'CodePointer', 'PointerContext',
-           'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'token_kinds',
+           'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'VisionCache', 'token_kinds',
            'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
 
 # %% ../nbs/05_model.ipynb #7345902a
@@ -224,6 +224,7 @@ class MedSightForCausalLM(PreTrainedModel):
             if not config.text_config: raise ConfigError('the config has no text_config to build the LLM from', field='text_config')
             llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.text_config))
         self.llm, self.tokenizer = llm, None
+        self.vision_cache = None                                    # a `VisionCache` while the vision side is frozen (stages 3–5)
         tc = llm.config.get_text_config()
         H = tc.hidden_size
         self.proj_v2t = VisionToText(self.encoder.dim, cfg.perceiver.dim, H, n_evidence=len(config.classes) + 5 if cfg.llm.region_evidence else 0)
@@ -381,11 +382,7 @@ def name_bias(self:MedSightForCausalLM, p:torch.Tensor, ptr:PointerContext) -> t
 @patch
 def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
     "Patch + region tokens in the LLM's width (B, h·w + N, H), the perceiver's output (with its cache) and CLS."
-    vis_trains = any(p.requires_grad for m in (self.encoder, self.perceiver) for p in m.parameters())
-    with torch.set_grad_enabled(torch.is_grad_enabled() and vis_trains):
-        grid, cls = self.encoder(pixel_values)                     # (B, D, h, w), (B, D)
-        out = self.perceiver(grid, pixel_values)                   # queries (B, N, Dq)
-    patches = grid.flatten(2).transpose(1, 2)                      # (B, h·w, D)
+    patches, cls, out = self.vision_outputs(pixel_values)        # (B, h·w, D), (B, D), queries (B, N, Dq)
     ev = region_evidence(out.class_logits[-1], out.mask_logits[-1]).detach() if self.proj_v2t.evidence is not None else None
     if not self.region_tokens: return self.proj_v2t.patches(patches), out, cls        # the ablation: (B, h·w, H)
     return torch.cat([self.proj_v2t.patches(patches), self.proj_v2t.regions(out.queries, ev)], 1), out, cls
@@ -426,6 +423,77 @@ def run_backbone(self:MedSightForCausalLM, emb, attention_mask=None, position_id
     key = 'cache' if 'cache' in inspect.signature(bb.forward).parameters else 'past_key_values'   # transformers ≥ 5.2 renamed it
     o = bb(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache, **{key: cache})
     return o.last_hidden_state, (getattr(o, key, None) if use_cache else None)
+
+# %% ../nbs/05_model.ipynb #c7a1e002
+class VisionCache:
+    "Frozen encoder + perceiver outputs per image, keyed by its pixels; at most `max_mb` of tensors."
+    def __init__(self, max_mb:float=4096):
+        self.rows, self.max_bytes, self.nbytes, self.hits, self.misses, self.full = {}, max_mb * 2 ** 20, 0, 0, 0, False
+    def __len__(self): return len(self.rows)
+    def __contains__(self, px): return self.key(px) in self.rows
+    def __repr__(self): return f'VisionCache({len(self)} images, {self.nbytes / 2 ** 20:.0f} MB, {self.hits} hits, {self.misses} misses)'
+    @staticmethod
+    def key(px:torch.Tensor) -> bytes:  # (3, S, S) one normalised image
+        return hashlib.blake2b(px.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=16).digest()
+    def put(self, key:bytes, row:dict) -> bool:
+        "Keep `row` (tensors of one image) unless that would pass the size limit."
+        if key in self.rows: return True
+        size = sum(t.numel() * t.element_size() for t in row.values())
+        if self.nbytes + size > self.max_bytes: self.full = True; return False
+        self.rows[key] = row; self.nbytes += size
+        return True
+    @torch.no_grad()
+    def fill(self, model, images, batch_size:int=16, progress:bool=False) -> 'VisionCache':
+        "Compute `images` ((3, S, S) tensors, in order) through `model`'s encoder and perceiver, in eval mode, in fixed batches."
+        images = [p for p in images]
+        modes = [(m, m.training) for m in (model.encoder, model.perceiver)]
+        for m, _ in modes: m.eval()
+        try:
+            it = range(0, len(images), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+                it = tqdm(it, desc='vision cache', dynamic_ncols=True)
+            for s in it:
+                px = torch.stack(images[s:s + batch_size]).to(model.code_tokens.inp.device)
+                keys = [self.key(p) for p in px]
+                if all(k in self.rows for k in keys): continue
+                for k, row in zip(keys, _vision_rows(*model.run_vision(px))):
+                    if not self.put(k, row): return self
+        finally:
+            for m, was in modes: m.train(was)
+        return self
+
+def _vision_rows(patches, cls, out:PerceiverOutput) -> list:
+    "Per image, the tensors `vision_outputs` rebuilds a batch from (cloned, so no batch tensor stays alive)."
+    f = out.features
+    parts = dict(patches=patches, cls=cls, queries=out.queries, class_logits=out.class_logits[-1], mask_logits=out.mask_logits[-1],
+                 mask_features=f.mask_features, fine_features=f.fine_features)
+    return [{k: v[i].detach().clone() for k, v in parts.items() if v is not None} for i in range(len(patches))]
+
+@patch
+def run_vision(self:MedSightForCausalLM, pixel_values:torch.Tensor, grad:bool=False):
+    "Encoder + perceiver: `(patches (B, h·w, D), CLS (B, D), PerceiverOutput)`."
+    with torch.set_grad_enabled(torch.is_grad_enabled() and grad):
+        grid, cls = self.encoder(pixel_values)                     # (B, D, h, w), (B, D)
+        out = self.perceiver(grid, pixel_values)                   # queries (B, N, Dq)
+    return grid.flatten(2).transpose(1, 2), cls, out               # (B, h·w, D)
+
+@patch
+def vision_outputs(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
+    "`run_vision`'s outputs, from `self.vision_cache` for the images it holds when no vision parameter trains."
+    vis_trains = any(p.requires_grad for m in (self.encoder, self.perceiver) for p in m.parameters())
+    vc = self.vision_cache
+    if vc is None or vis_trains: return self.run_vision(pixel_values, grad=vis_trains)
+    keys = [vc.key(p) for p in pixel_values]
+    miss = [i for i, k in enumerate(keys) if k not in vc.rows]
+    vc.hits += len(keys) - len(miss); vc.misses += len(miss)
+    fresh = dict(zip(miss, _vision_rows(*self.run_vision(pixel_values[miss])))) if miss else {}
+    for i, row in fresh.items(): vc.put(keys[i], row)
+    rows = [fresh[i] if i in fresh else vc.rows[k] for i, k in enumerate(keys)]
+    st = lambda n: torch.stack([r[n] for r in rows]).to(pixel_values.device) if n in rows[0] else None
+    feats = PixelFeatures(pixels=[], pos=[], mask_features=st('mask_features'), fine_features=st('fine_features'))
+    out = PerceiverOutput(queries=st('queries'), mask_logits=[st('mask_logits')], class_logits=[st('class_logits')], features=feats)
+    return st('patches'), st('cls'), out
 
 # %% ../nbs/05_model.ipynb #adfcb09c
 @patch

@@ -24,7 +24,7 @@ __all__ = ['STAGES', 'SIGNATURE', 'PICKLE_SUFFIXES', 'STAGE_NAMES', 'ARCHS', 'St
            'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches', 'load_region_data',
            'stage1_skip', 'load_region_model', 'region_spec', 'region_val', 'train_region_stage', 'write_code_labels',
            'codebook_report', 'llm_spec', 'attach_lora', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss',
-           'llm_val', 'train_llm_stage', 'parse_stages', 'train_run', 'random_llm', 'bench']
+           'llm_val', 'vision_cache', 'train_llm_stage', 'parse_stages', 'train_run', 'random_llm', 'bench']
 
 # %% ../nbs/07_train.ipynb #53d0a168
 @dataclass
@@ -1050,6 +1050,18 @@ def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_
                 n_diagnosis=len(pool('diagnosis')), per_task=per_task)
 
 # %% ../nbs/07_train.ipynb #5780204c
+def vision_cache(model, cfg:RunConfig, split:dict, cache:dict=None, progress:bool=False):
+    "The frozen vision side's outputs for every image of `split` (a `VisionCache`, shared through `cache`); None when off."
+    from medsight.model import VisionCache
+    if not cfg.train.vision_cache_mb: return None
+    if cache is not None and cache.get('vision') is not None: return cache['vision']
+    vc = VisionCache(cfg.train.vision_cache_mb).fill(model, [it['pixel_values'] for it in split['items'] if it is not None],
+                                                     cfg.train.batch_size, progress=progress)
+    if vc.full: warnings.warn(f'the vision cache holds {len(vc)} images ({vc.nbytes / 2 ** 20:.0f} MB, train.vision_cache_mb); '
+                              'the rest run through the encoder and perceiver every time')
+    if cache is not None: cache['vision'] = vc
+    return vc
+
 def train_llm_stage(cfg:RunConfig,      # the run config
                     run,                # the run directory (stages 1–2 finished, code labels written)
                     stage:str,          # '3', '4' or '5'
@@ -1079,6 +1091,7 @@ def train_llm_stage(cfg:RunConfig,      # the run config
     proc = MedSightProcessor.from_model(model, max_length=cfg.llm.max_length)
     data = data or (cache or {}).get('data') or load_llm_data(run, data_dir, proc)   # the same items in every LLM stage
     if cache is not None: cache['data'] = data
+    model.vision_cache = vision_cache(model, cfg, data['train'], cache, progress)
     save_config(cfg, run/'config.json')
     pool, mix = {'3': ('text', None), '4': ('grounding', None), '5': ('all', cfg.train.grounding_mix)}[stage]
     val = data.get('val') or data.get('test')
