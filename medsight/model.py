@@ -430,7 +430,6 @@ class VisionCache:
     def __init__(self, max_mb:float=4096):
         self.rows, self.max_bytes, self.nbytes, self.hits, self.misses, self.full = {}, max_mb * 2 ** 20, 0, 0, 0, False
     def __len__(self): return len(self.rows)
-    def __contains__(self, px): return self.key(px) in self.rows
     def __repr__(self): return f'VisionCache({len(self)} images, {self.nbytes / 2 ** 20:.0f} MB, {self.hits} hits, {self.misses} misses)'
     @staticmethod
     def key(px:torch.Tensor) -> bytes:  # (3, S, S) one normalised image
