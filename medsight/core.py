@@ -151,6 +151,7 @@ class PerceiverConfig:
     mask_size:int|None = None    # output mask side (None: grid × 2**stages)
     image_skip:bool = False      # add a light conv path from the image to each upsampling stage (ours, not the paper's)
     full_res:bool = False        # final mask features at the input image's resolution, refined by a conv path from the image (ours)
+    mask_class:bool = False      # the class head also reads the features under the query's own mask, and its area (ours)
 
 @dataclass
 class CodebookConfig:
@@ -273,9 +274,9 @@ def _paper_vision(): return VisionConfig(kind='clip', path='openai/clip-vit-larg
                                          dim=1024, patch=14, layer=-2, freeze=True,
                                          mean=(0.4815, 0.4578, 0.4082), std=(0.2686, 0.2613, 0.2758))
 PRESETS = {
-    'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(image_skip=True, full_res=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
+    'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(image_skip=True, full_res=True, mask_class=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True), train=TrainConfig(steps={'1': 450, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0)),
-    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
+    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True),
                        train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 600, '2': 300, '3': 60, '4': 150, '5': 600})),
     'paper': RunConfig(preset='paper', vision=_paper_vision(),

@@ -13,8 +13,9 @@ from .core import PerceiverConfig, ConfigError, DataError
 
 # %% auto #0
 __all__ = ['sine_pos_2d', 'Attention', 'attn_mask_from_logits', 'mlp', 'up_block', 'image_skip_block', 'fine_path', 'QueryBlock',
-           'PixelBlock', 'PixelFeatures', 'PerceiverOutput', 'RegionPerceiver', 'resize_masks', 'pair_costs',
-           'HungarianMatcher', 'dice_loss', 'perceiver_loss', 'dice_score', 'matched_dice']
+           'PixelBlock', 'PixelFeatures', 'PerceiverOutput', 'RegionPerceiver', 'mask_pooled', 'masks_at',
+           'resize_masks', 'pair_costs', 'HungarianMatcher', 'dice_loss', 'perceiver_loss', 'dice_score',
+           'matched_dice']
 
 # %% ../nbs/03_perceiver.ipynb #06281ea2
 def sine_pos_2d(h:int, w:int,                # grid size
@@ -154,6 +155,9 @@ class RegionPerceiver(nn.Module):
         self.norm = nn.LayerNorm(D)
         self.mask_embed = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
         self.class_head = nn.Linear(D, self.n_classes + 1)
+        self.mask_pool = None                                                  # zero-initialised, drawing no random numbers: starts as the plain head
+        if getattr(cfg, 'mask_class', False):
+            self.mask_pool = nn.utils.skip_init(nn.Linear, D + 1, D); nn.init.zeros_(self.mask_pool.weight); nn.init.zeros_(self.mask_pool.bias)
 
 # %% ../nbs/03_perceiver.ipynb #b91cf179
 @patch
@@ -181,6 +185,18 @@ def encode(self:RegionPerceiver,
     return PixelFeatures(pix, pos, image_features=imf)
 
 # %% ../nbs/03_perceiver.ipynb #fde22290
+def mask_pooled(mask_logits:torch.Tensor,   # (B, K, h, w) the queries' mask logits, at any resolution
+                features:torch.Tensor):     # (B, D, H, W) mask features
+    "What lies under each query's own soft mask (detached, area-pooled to H×W): mean feature and √area fraction, (B, K, D + 1)."
+    w = masks_at(mask_logits.detach().sigmoid(), features.shape[-2:])             # (B, K, H, W)
+    mass = w.flatten(2).sum(-1, keepdim=True)                                    # (B, K, 1)
+    pooled = torch.einsum('bkhw,bdhw->bkd', w, features.to(w.dtype)) / (mass + 1) # (B, K, D)
+    return torch.cat([pooled, (mass / w[0, 0].numel()).sqrt()], -1).to(features.dtype)
+
+def masks_at(w, size):  # (B, K, h, w) → (B, K, H, W): area average when shrinking, bilinear when growing
+    if tuple(w.shape[-2:]) == tuple(size): return w
+    return F.adaptive_avg_pool2d(w, size) if w.shape[-1] > size[-1] else F.interpolate(w, size=size, mode='bilinear', align_corners=False)
+
 @patch
 def _predict(self:RegionPerceiver, q, mask_features, fine=None):     # (B, K, D), (B, D, H, W), (B, d, S, S)
     "Mask logits (B, K, H, W) — (B, K, S, S) with fine features — and class logits (B, K, C+1) of queries."
@@ -190,7 +206,7 @@ def _predict(self:RegionPerceiver, q, mask_features, fine=None):     # (B, K, D)
     if fine is not None:                                                         # coarse logits upsampled + a full-resolution term
         up = F.interpolate(masks, size=fine.shape[-2:], mode='bilinear', align_corners=False)
         masks = up + torch.einsum('bkd,bdhw->bkhw', self.fine['embed'](qn), fine.to(emb.dtype))   # (B, K, S, S)
-    return masks, self.class_head(qn)
+    return masks, self.class_head(qn if self.mask_pool is None else qn + self.mask_pool(mask_pooled(masks, mask_features)))
 
 @patch
 def decode(self:RegionPerceiver,
