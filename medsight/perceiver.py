@@ -13,9 +13,8 @@ from .core import PerceiverConfig, ConfigError, DataError
 
 # %% auto #0
 __all__ = ['sine_pos_2d', 'Attention', 'attn_mask_from_logits', 'mlp', 'up_block', 'image_skip_block', 'fine_path', 'QueryBlock',
-           'PixelBlock', 'PixelFeatures', 'PerceiverOutput', 'RegionPerceiver', 'mask_pooled', 'masks_at',
-           'resize_masks', 'pair_costs', 'HungarianMatcher', 'dice_loss', 'perceiver_loss', 'dice_score',
-           'matched_dice']
+           'PixelBlock', 'PixelFeatures', 'PerceiverOutput', 'RegionPerceiver', 'mask_pooled', 'resize_masks',
+           'pair_costs', 'HungarianMatcher', 'dice_loss', 'perceiver_loss', 'dice_score', 'matched_dice']
 
 # %% ../nbs/03_perceiver.ipynb #06281ea2
 def sine_pos_2d(h:int, w:int,                # grid size
@@ -188,14 +187,11 @@ def encode(self:RegionPerceiver,
 def mask_pooled(mask_logits:torch.Tensor,   # (B, K, h, w) the queries' mask logits, at any resolution
                 features:torch.Tensor):     # (B, D, H, W) mask features
     "What lies under each query's own soft mask (detached, area-pooled to H×W): mean feature and √area fraction, (B, K, D + 1)."
-    w = masks_at(mask_logits.detach().sigmoid(), features.shape[-2:])             # (B, K, H, W)
+    B, K, size = *mask_logits.shape[:2], tuple(features.shape[-2:])
+    w = resize_masks(mask_logits.detach().sigmoid().flatten(0, 1), size).view(B, K, *size)   # (B, K, H, W), `resize_masks` below
     mass = w.flatten(2).sum(-1, keepdim=True)                                    # (B, K, 1)
     pooled = torch.einsum('bkhw,bdhw->bkd', w, features.to(w.dtype)) / (mass + 1) # (B, K, D)
     return torch.cat([pooled, (mass / w[0, 0].numel()).sqrt()], -1).to(features.dtype)
-
-def masks_at(w, size):  # (B, K, h, w) → (B, K, H, W): area average when shrinking, bilinear when growing
-    if tuple(w.shape[-2:]) == tuple(size): return w
-    return F.adaptive_avg_pool2d(w, size) if w.shape[-1] > size[-1] else F.interpolate(w, size=size, mode='bilinear', align_corners=False)
 
 @patch
 def _predict(self:RegionPerceiver, q, mask_features, fine=None):     # (B, K, D), (B, D, H, W), (B, d, S, S)
