@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #ee5f22f5
 from __future__ import annotations
-import os, json, random, dataclasses, copy
+import os, re, json, random, dataclasses, copy
 from dataclasses import dataclass, field, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,7 @@ class LLMConfig:
     code_residual:bool = False   # a code token's mask query starts from its region's query (else W_m(code)), P_t→v adds to it (ours)
     name_pointer:bool = False    # class-name words (one-token names) get log(α + p(class | the region the pointer points at)) (ours; needs code_pointer)
     name_floor:float = 0.1       # α: the name pointer's floor, so a word for no region on the image costs at most log α
+    region_dedup:float|None = None # mark duplicate and empty regions no-object in the evidence and the name pointer: a region overlapping a stronger one of its group (findings together) by more than this share of the smaller mask (ours; None: off)
     region_tokens:bool = True    # the LLM sees the perceiver's region tokens after the patch tokens (False: patch tokens only; an ablation)
 
 @dataclass
@@ -229,8 +230,17 @@ class RunConfig:
     def to_dict(self): return asdict(self)
 
 # %% ../nbs/00_core.ipynb #4b4fa6c4
-def _coerce(val, default, key):
-    "Convert `val` (often a CLI string) to the type of `default`."
+_PROTO = {'bool': False, 'int': 0, 'float': 0., 'str': ''}
+
+def _coerce(val, default, key,
+            ann='' # the field's annotation, e.g. 'float|None': says what an optional field holds while its default is None
+           ):
+    "Convert `val` (often a CLI string) to the type of `default` (for an optional field, the type its annotation names)."
+    ann = ann if isinstance(ann, str) else getattr(ann, '__name__', str(ann))
+    if isinstance(val, str) and 'None' in ann and val.strip().lower() in ('none', 'null'): return None
+    if default is None and isinstance(val, str):
+        kind = next((t for t in re.findall(r'\w+', ann) if t != 'None'), 'str')
+        if kind in _PROTO: default = _PROTO[kind]
     if not isinstance(val, str) or isinstance(default, str) or default is None:
         if isinstance(default, tuple) and isinstance(val, list): return tuple(val)
         return val
@@ -266,7 +276,7 @@ def update(self:RunConfig, overrides:dict=None, **kwargs) -> RunConfig:
         names = [f.name for f in fields(obj)]
         if parts[-1] not in names:
             raise ConfigError(f'unknown config key {parts[-1]!r}', field=key, hint=f'valid keys here: {names}')
-        setattr(obj, parts[-1], _coerce(val, getattr(obj, parts[-1]), key))
+        setattr(obj, parts[-1], _coerce(val, getattr(obj, parts[-1]), key, {f.name: f.type for f in fields(obj)}[parts[-1]]))
     return cfg
 
 # %% ../nbs/00_core.ipynb #249fe75a

@@ -13,9 +13,9 @@ from .core import DataError, ConfigError, set_seed, atomic_write_text
 # %% auto #0
 __all__ = ['ARTICLES', 'MASK_TOKEN_SCHEMES', 'PAPER_WAY', 'ABLATIONS', 'seg_metrics', 'answer_scores', 'normalize_text',
            'closed_answer', 'open_recall', 'named_findings', 'diagnosis_recall', 'rle_encode', 'rle_decode',
-           'diagnoses_of', 'score_answer', 'confusion', 'summarize', 'evaluate', 'metrics_table', 'report_md',
-           'stage_costs', 'generation_costs', 'cost_md', 'plot_per_modality', 'plot_confusion', 'plot_cases',
-           'evaluate_run', 'region_figures', 'ClassUNet', 'class_targets', 'unet_loss', 'class_questions',
+           'diagnoses_of', 'score_answer', 'confusion', 'count_table', 'summarize', 'evaluate', 'metrics_table',
+           'report_md', 'stage_costs', 'generation_costs', 'cost_md', 'plot_per_modality', 'plot_confusion',
+           'plot_cases', 'evaluate_run', 'region_figures', 'ClassUNet', 'class_targets', 'unet_loss', 'class_questions',
            'seg_summary', 'evaluate_unet', 'run_wall_s', 'train_unet', 'load_unet', 'compare_to_unet', 'compare_md',
            'unet_baseline', 'ablate', 'ablations_md']
 
@@ -177,6 +177,14 @@ def confusion(recs:list, vocab) -> dict:
         mat[rows.index(want)][cols.index(g)] += 1
     return dict(rows=rows, cols=cols, counts=mat)
 
+def count_table(recs:list, n_max:int=3) -> dict:
+    "Diagnose-then-segment questions: regions in the reference (rows) against regions the answer segments (columns), 0…`n_max`+."
+    names = [str(i) for i in range(n_max)] + [f'{n_max}+']
+    mat = [[0] * len(names) for _ in names]
+    rs = [r for r in recs if r['task'] == 'diagseg']
+    for r in rs: mat[min(len(r.get('targets', [])), n_max)][min(len(r['regions']), n_max)] += 1
+    return dict(rows=names, cols=names, counts=mat, exact=_mean([len(r.get('targets', [])) == len(r['regions']) for r in rs]), n=len(rs))
+
 def _round(x, nd=6):
     if isinstance(x, float): return round(x, nd)
     if isinstance(x, dict): return {k: _round(v, nd) for k, v in x.items()}
@@ -192,7 +200,7 @@ def summarize(recs:list, diagnoses=()) -> dict:
                diagseg={m: dict(diagnosis_recall=_mean([r['diagnosis_recall'] for r in diag if r['modality'] == m]),
                                 dice=_pool([r for r in diag if r['modality'] == m])['dice'],
                                 n=sum(r['modality'] == m for r in diag)) for m in sorted({r['modality'] for r in diag})},
-               confusion=confusion(recs, diagnoses) if diagnoses else None)
+               confusion=confusion(recs, diagnoses) if diagnoses else None, lesion_count=count_table(recs))
     return _round(out)
 
 # %% ../nbs/08_eval.ipynb #7d9a376b
@@ -257,6 +265,12 @@ def report_md(metrics:dict) -> str:
         out += ['', '## Diagnosis confusion (one reference diagnosis)', '', '| reference \\ answer | ' + ' | '.join(cf['cols']) + ' |',
                 '|' + '---|' * (len(cf['cols']) + 1)]
         out += [f"| {r} | " + ' | '.join(map(str, row)) + ' |' for r, row in zip(cf['rows'], cf['counts'])]
+    lc = metrics.get('lesion_count')
+    if lc and lc['n']:
+        out += ['', '## DiagSeg: lesions in the reference against lesions segmented', '',
+                f"The answer segments as many regions as the reference holds on {_fmt(lc['exact'])} of {lc['n']} diagnose-then-segment questions.", '',
+                '| reference \\ answer | ' + ' | '.join(lc['cols']) + ' |', '|' + '---|' * (len(lc['cols']) + 1)]
+        out += [f"| {r} | " + ' | '.join(map(str, row)) + ' |' for r, row in zip(lc['rows'], lc['counts'])]
     if metrics.get('cost'): out += ['', '## Cost', '', cost_md(metrics['cost']['stages'], metrics['cost']['generation'])]
     figs = me.get('figures') or []
     if figs: out += ['', '## Figures', ''] + [f'![{Path(f).stem}]({f})' for f in figs]

@@ -19,9 +19,9 @@ from .vision import unletterbox
 
 # %% auto #0
 __all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'bnb_config', 'tiny_llm_config', 'load_llm',
-           'MedSightConfig', 'VisionToText', 'CodeTokens', 'region_evidence', 'CodePointer', 'PointerContext',
-           'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'VisionCache', 'token_kinds',
-           'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
+           'MedSightConfig', 'VisionToText', 'CodeTokens', 'class_probs', 'region_evidence', 'distinct_regions',
+           'CodePointer', 'PointerContext', 'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight',
+           'VisionCache', 'token_kinds', 'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
 
 # %% ../nbs/05_model.ipynb #7345902a
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -121,13 +121,14 @@ class MedSightConfig(PretrainedConfig):
                  run:dict=None,            # the `RunConfig` (or its dict)
                  modalities:list=(),       # the data's modality list: one codebook bank each, in order
                  classes:list=(),          # the region class vocabulary of the perceiver's class head
+                 findings:list=(),         # the classes that are findings (lesions): one group for `distinct_regions`
                  text_config:dict=None,    # the LLM's config as a dict
                  first_new_id:int=None,    # id of `<image>`; the code tokens follow it
                  mask_weight:float=1.0,    # λ: weight of Dice + BCE against the LM loss
                  **kwargs):
         super().__init__(**kwargs)
         self.run = run if run is None or isinstance(run, dict) else json.loads(json.dumps(dataclasses.asdict(run)))
-        self.modalities, self.classes = list(modalities), list(classes)
+        self.modalities, self.classes, self.findings = list(modalities), list(classes), list(findings)
         self.text_config, self.first_new_id, self.mask_weight = text_config, first_new_id, mask_weight
 
     @property
@@ -159,17 +160,50 @@ class CodeTokens(nn.Module):
     def extra_repr(self): return f'rows={self.inp.shape[0]}, hidden={self.inp.shape[1]}, tied={self.out is None}'
 
 # %% ../nbs/05_model.ipynb #ef0b4b4f
+def class_probs(class_logits:torch.Tensor,  # (B, N, C+1) the perceiver's class logits
+                keep:torch.Tensor=None       # (B, N) bool: the regions that stay (None: all)
+               ) -> torch.Tensor:            # (B, N, C+1) float
+    "The class head's softmax, with every region not kept set to no-object (the last class)."
+    p = class_logits.float().softmax(-1)
+    if keep is None: return p
+    return torch.where(keep[..., None].to(p.device), p, F.one_hot(torch.tensor(p.shape[-1] - 1), p.shape[-1]).to(p))
+
 def region_evidence(class_logits:torch.Tensor, # (B, N, C+1) the perceiver's class logits
-                    mask_logits:torch.Tensor=None # (B, N, h, w) its mask logits (None: centre 0.5, size 0)
+                    mask_logits:torch.Tensor=None, # (B, N, h, w) its mask logits (None: centre 0.5, size 0)
+                    keep:torch.Tensor=None        # (B, N) bool: regions not kept read as no-object (`distinct_regions`)
                    ) -> torch.Tensor:          # (B, N, C+5)
     "What a region token states outright: class probabilities, then its soft mask's centre x, y, √area and peak."
-    p_cls = class_logits.float().softmax(-1)
+    p_cls = class_probs(class_logits, keep)
     if mask_logits is None: return torch.cat([p_cls, p_cls.new_tensor([.5, .5, 0., 0.]).expand(*p_cls.shape[:-1], 4)], -1)
     p = mask_logits.float().sigmoid(); h, w = p.shape[-2:]
     ys, xs = (torch.arange(h, device=p.device) + .5) / h, (torch.arange(w, device=p.device) + .5) / w
     mass = p.sum((-1, -2)).clamp_min(1e-6)                                       # (B, N)
     cx, cy = (p.sum(-2) * xs).sum(-1) / mass, (p.sum(-1) * ys).sum(-1) / mass
     return torch.cat([p_cls, torch.stack([cx, cy, (mass / (h * w)).sqrt(), p.amax((-1, -2))], -1)], -1)
+
+# %% ../nbs/05_model.ipynb #d3d1f0a2
+def distinct_regions(class_logits:torch.Tensor, # (B, N, C+1) the perceiver's class logits
+                     mask_logits:torch.Tensor,  # (B, N, h, w) its mask logits
+                     findings:torch.Tensor=None, # (C,) bool: classes that are findings, one group (None: every class its own)
+                     overlap:float=0.5,          # drop a region overlapping a stronger one of its group by more than this (∩ / smaller area)
+                     peak:float=0.5              # a region whose mask never reaches this probability is empty
+                    ) -> torch.Tensor:           # (B, N) bool
+    "Which regions are distinct objects: a class, a non-empty mask, and no stronger region of its group over the same pixels."
+    p = class_logits.detach().float().softmax(-1); B, N, C = p.shape[0], p.shape[1], p.shape[-1] - 1
+    cls = p.argmax(-1)                                                            # (B, N), C = no object
+    m = mask_logits.detach().float().sigmoid()
+    cand = (cls < C) & (m.flatten(2).amax(-1) > peak)                             # (B, N)
+    b = (m > 0.5).flatten(2).float()                                              # (B, N, h·w)
+    area = b.sum(-1)                                                              # (B, N)
+    ov = (b @ b.transpose(1, 2)) / torch.minimum(area[:, :, None], area[:, None, :]).clamp_min(1)   # (B, N, N)
+    grp = cls if findings is None else torch.where(findings.to(cls.device)[cls.clamp(max=C - 1)], C, cls)
+    dup = (grp[:, :, None] == grp[:, None, :]) & (ov > overlap)                   # (B, N, N)
+    order = (1 - p[..., -1]).masked_fill(~cand, -1.).argsort(-1, descending=True) # strongest first
+    keep, rows = torch.zeros_like(cand), torch.arange(B, device=cand.device)
+    for r in range(N):
+        q = order[:, r]                                                           # (B,) the r-th strongest region
+        keep[rows, q] = cand[rows, q] & ~(dup[rows, q] & keep).any(-1)
+    return keep
 
 # %% ../nbs/05_model.ipynb #446b5c33
 class CodePointer(nn.Module):
@@ -224,6 +258,8 @@ class MedSightForCausalLM(PreTrainedModel):
             if not config.text_config: raise ConfigError('the config has no text_config to build the LLM from', field='text_config')
             llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.text_config))
         self.llm, self.tokenizer = llm, None
+        for m in llm.modules():     # bitsandbytes ≥ 0.49 repacks NF4 weights for AVX512-BF16 CPUs at the first no-grad eval pass;
+            if hasattr(m, 'support_avx512bf16_for_cpu'): m.support_avx512bf16_for_cpu = False   # that layout has no backward (chapter text)
         self.vision_cache = None                                    # a `VisionCache` while the vision side is frozen (stages 3–5)
         tc = llm.config.get_text_config()
         H = tc.hidden_size
@@ -238,6 +274,9 @@ class MedSightForCausalLM(PreTrainedModel):
         if cfg.llm.name_pointer and not cfg.llm.code_pointer:
             raise ConfigError('the name pointer reuses the code pointer', field='llm.name_pointer', hint='set llm.code_pointer=true too, or llm.name_pointer=false')
         self.register_buffer('name_ids', torch.full((len(config.classes) if cfg.llm.name_pointer else 0,), -1), persistent=False)
+        self.region_dedup = cfg.llm.region_dedup                    # None: every region token keeps its classes
+        fnd = set(getattr(config, 'findings', None) or ())          # configs saved before `findings` existed: none
+        self.register_buffer('findings', torch.tensor([c in fnd for c in config.classes], dtype=torch.bool), persistent=False)
         if not self.region_tokens and (cfg.llm.code_pointer or cfg.llm.region_evidence):
             raise ConfigError('the code pointer and region evidence work on region tokens', field='llm.region_tokens',
                               hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false')
@@ -327,11 +366,12 @@ def build_medsight(cfg:RunConfig,        # the run config
                    llm=None,             # an already loaded LLM (with `tokenizer`)
                    tokenizer=None,       # its tokenizer
                    load_in_4bit:bool=None, # NF4 LLM weights (default `cfg.llm.load_in_4bit`)
-                   mask_weight:float=1.0) -> MedSightForCausalLM:
+                   mask_weight:float=1.0,
+                   findings:list=()) -> MedSightForCausalLM: # the classes that are findings (for `llm.region_dedup`)
     "A `MedSightForCausalLM` for `cfg` with its vocabulary extended; `model.tokenizer` is set."
     if llm is None: llm, tokenizer = load_llm(cfg.llm, load_in_4bit=load_in_4bit, seed=cfg.seed, tokenizer=tokenizer)
     elif tokenizer is None: raise ConfigError('pass the tokenizer of the given llm', field='tokenizer')
-    conf = MedSightConfig(run=cfg, modalities=modalities, classes=classes, mask_weight=mask_weight,
+    conf = MedSightConfig(run=cfg, modalities=modalities, classes=classes, findings=findings, mask_weight=mask_weight,
                           text_config=llm.config.get_text_config().to_dict())
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -380,10 +420,16 @@ def name_bias(self:MedSightForCausalLM, p:torch.Tensor, ptr:PointerContext) -> t
 
 # %% ../nbs/05_model.ipynb #dda948eb
 @patch
+def distinct(self:MedSightForCausalLM, out:PerceiverOutput):
+    "`distinct_regions` of a perceiver output with `llm.region_dedup` as the overlap, findings as one group; None when off."
+    if self.region_dedup is None: return None
+    return distinct_regions(out.class_logits[-1], out.mask_logits[-1], self.findings if self.findings.any() else None, overlap=self.region_dedup)
+
+@patch
 def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
     "Patch + region tokens in the LLM's width (B, h·w + N, H), the perceiver's output (with its cache) and CLS."
     patches, cls, out = self.vision_outputs(pixel_values)        # (B, h·w, D), (B, D), queries (B, N, Dq)
-    ev = region_evidence(out.class_logits[-1], out.mask_logits[-1]).detach() if self.proj_v2t.evidence is not None else None
+    ev = region_evidence(out.class_logits[-1], out.mask_logits[-1], self.distinct(out)).detach() if self.proj_v2t.evidence is not None else None
     if not self.region_tokens: return self.proj_v2t.patches(patches), out, cls        # the ablation: (B, h·w, H)
     return torch.cat([self.proj_v2t.patches(patches), self.proj_v2t.regions(out.queries, ev)], 1), out, cls
 
@@ -407,7 +453,7 @@ def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:
             m, _, _ = self.codebook.resolve_modality(modality, cls, B)                     # (B,) bank
             k = self.codebook.encode(pout.queries, m)                                      # (B, N) code in bank (m is resolved)
         ptr = PointerContext(pos, (m.to(k.device)[:, None] * K + k).to(emb.device))
-        if len(self.name_ids): ptr.cls = pout.class_logits[-1].detach().float().softmax(-1)[..., :-1].to(emb.device)   # (B, N, C)
+        if len(self.name_ids): ptr.cls = class_probs(pout.class_logits[-1].detach(), self.distinct(pout))[..., :-1].to(emb.device)   # (B, N, C)
     return emb.masked_scatter(is_img[..., None], vis.to(emb.dtype)), pout, ptr
 
 @patch
@@ -522,7 +568,7 @@ def decode_masks(self:MedSightForCausalLM,
     if base is not None: q = q + base.to(q.dtype)
     Q = q.new_zeros(B, max(R, 1), q.shape[-1])                                  # (B, R_max, Dq)
     Q[torch.arange(max(R, 1), device=q.device)[None] < torch.tensor(counts, device=q.device)[:, None]] = q
-    masks, _ = self.perceiver.decode(Q, features)                               # (B, R_max, h', w')
+    masks, _ = self.perceiver.decode(Q, features, classes=False)                               # (B, R_max, h', w')
     return [masks[b, :c] for b, c in enumerate(counts)]
 
 # %% ../nbs/05_model.ipynb #601e1760

@@ -194,7 +194,8 @@ def mask_pooled(mask_logits:torch.Tensor,   # (B, K, h, w) the queries' mask log
     return torch.cat([pooled, (mass / w[0, 0].numel()).sqrt()], -1).to(features.dtype)
 
 @patch
-def _predict(self:RegionPerceiver, q, mask_features, fine=None):     # (B, K, D), (B, D, H, W), (B, d, S, S)
+def _predict(self:RegionPerceiver, q, mask_features, fine=None,     # (B, K, D), (B, D, H, W), (B, d, S, S)
+             classes:bool=True):                                       # False: skip the class head (returns None)
     "Mask logits (B, K, H, W) — (B, K, S, S) with fine features — and class logits (B, K, C+1) of queries."
     qn = self.norm(q)
     emb = self.mask_embed(qn)                                                    # (B, K, D)
@@ -202,17 +203,19 @@ def _predict(self:RegionPerceiver, q, mask_features, fine=None):     # (B, K, D)
     if fine is not None:                                                         # coarse logits upsampled + a full-resolution term
         up = F.interpolate(masks, size=fine.shape[-2:], mode='bilinear', align_corners=False)
         masks = up + torch.einsum('bkd,bdhw->bkhw', self.fine['embed'](qn), fine.to(emb.dtype))   # (B, K, S, S)
+    if not classes: return masks, None
     return masks, self.class_head(qn if self.mask_pool is None else qn + self.mask_pool(mask_pooled(masks, mask_features)))
 
 @patch
 def decode(self:RegionPerceiver,
            queries:torch.Tensor,     # (B, K, D) or (K, D): region tokens, quantised queries, projected LLM states…
-           features:PixelFeatures):  # `out.features` of a forward pass on the same images
+           features:PixelFeatures,   # `out.features` of a forward pass on the same images
+           classes:bool=True):       # False: masks only (class logits None), for callers that only need masks
     "The final mask head and class head applied to `queries`: mask logits (B, K, H, W), class logits (B, K, C+1)."
     mf = features.mask_features
     if mf is None: raise ConfigError('these features have no mask features yet', hint='decode with `out.features` of a forward pass, not `encode`')
     if queries.ndim == 2: queries = queries.expand(mf.shape[0], -1, -1)           # (B, K, D)
-    masks, classes = self._predict(queries.to(self.query_feat.dtype), mf, features.fine_features)
+    masks, classes = self._predict(queries.to(self.query_feat.dtype), mf, features.fine_features, classes)
     ms = self.cfg.mask_size
     if ms and masks.shape[-2:] != (ms, ms):
         masks = F.interpolate(masks, size=(ms, ms), mode='bilinear', align_corners=False)

@@ -179,12 +179,12 @@ def evaluate_regions(model:RegionModel, data:RegionData, control:torch.Tensor=No
     dev, recs = next(model.parameters()).device, []
     for b, out, cls, idx, k in matched_batches(model, data, batch_size):
         mod = b['modality'].to(dev)
-        qmask, _ = model.perceiver.decode(model.codebook.lookup(k, mod), out.features)     # (B, N, H, W)
+        qmask, _ = model.perceiver.decode(model.codebook.lookup(k, mod), out.features, classes=False)     # (B, N, H, W)
         if control is not None:                                  # each image's regions get their class's fixed query
             nmax = max(max(len(t['labels']) for t in b['targets']), 1)
             cq = torch.zeros(len(idx), nmax, control.shape[-1], device=dev)
             for i, t in enumerate(b['targets']): cq[i, :len(t['labels'])] = control[int(b['modality'][i])][t['labels'].to(dev)]
-            cmask, _ = model.perceiver.decode(cq, out.features)                            # (B, nmax, H, W)
+            cmask, _ = model.perceiver.decode(cq, out.features, classes=False)                            # (B, nmax, H, W)
         for i, (qi, ti) in enumerate(idx):
             n, tg = int(b['index'][i]), b['targets'][i]
             m, M = int(b['modality'][i]), tg['masks']

@@ -766,7 +766,8 @@ def load_region_data(data_dir, size:int, splits=('train', 'val', 'test')):
     return info, classes, {s: RegionData(dd[s], info['modalities'], classes, size) for s in splits if s in dd}
 
 def _region_meta(run, info, classes, cfg):
-    meta = dict(modalities=list(info['modalities']), classes=list(classes), fingerprint=info.get('fingerprint'),
+    meta = dict(modalities=list(info['modalities']), classes=list(classes), findings=[c for c in classes if c in info.get('diagnoses', ())],
+                fingerprint=info.get('fingerprint'),
                 data=info.get('name'), image_size=cfg.vision.image_size)
     p = Path(run)/'region.json'
     if p.exists():
@@ -937,7 +938,8 @@ def load_llm_model(run,                 # a run directory with region.json and s
     cfg = cfg or load_config(run/'config.json')
     for st in ('stage1', 'stage2'):
         if not is_done(run/st): raise CheckpointError(f'{st} has not finished', path=run/st, hint='medsight train --stage 1,2')
-    model = build_medsight(cfg, meta['modalities'], meta['classes'], load_in_4bit=load_in_4bit, mask_weight=cfg.llm.mask_weight)
+    model = build_medsight(cfg, meta['modalities'], meta['classes'], load_in_4bit=load_in_4bit, mask_weight=cfg.llm.mask_weight,
+                           findings=meta.get('findings', ()))   # runs from before `findings`: each class its own group
     for st in ('stage1', 'stage2'): load_weights(model, run/st, skip=stage1_skip(run, cfg) if st == 'stage1' else ())
     model.init_code_rows()
     for st in ('3', '4', '5'):
