@@ -258,7 +258,7 @@ class MedSightForCausalLM(PreTrainedModel):
             if not config.text_config: raise ConfigError('the config has no text_config to build the LLM from', field='text_config')
             llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.text_config))
         self.llm, self.tokenizer = llm, None
-        for m in llm.modules():     # bitsandbytes ≥ 0.49 repacks NF4 weights for AVX512-BF16 CPUs at the first no-grad eval pass;
+        for m in llm.modules():     # bitsandbytes (0.50) repacks NF4 weights on AVX512-BF16 CPUs at the first no-grad eval pass;
             if hasattr(m, 'support_avx512bf16_for_cpu'): m.support_avx512bf16_for_cpu = False   # that layout has no backward (chapter text)
         self.vision_cache = None                                    # a `VisionCache` while the vision side is frozen (stages 3–5)
         tc = llm.config.get_text_config()
