@@ -93,12 +93,13 @@ def data_shapes(out:str=None,        # output directory (a `datasets` DatasetDic
                 n:int=300,           # number of samples over all splits
                 seed:int=0,          # random seed: the same seed gives identical data
                 size:int=64,         # image side in pixels (64–256)
+                questions:int=1,     # questions per image, each its own sample (an image's questions share a split)
                 overwrite:bool=False,# replace an existing directory
                 quiet:bool=False):   # no progress bar
     "Build MedShapes, the synthetic grounded benchmark."
     from medsight.data.shapes import build_medshapes
     t = time.time()
-    path = build_medshapes(_need(out, '--out'), n=n, seed=seed, size=size, progress=not quiet, overwrite=overwrite)
+    path = build_medshapes(_need(out, '--out'), n=n, seed=seed, size=size, progress=not quiet, overwrite=overwrite, questions_per_image=questions)
     _summary(path, time.time() - t)
 
 def _summary(path, secs):

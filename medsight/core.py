@@ -194,6 +194,7 @@ class LLMConfig:
     name_pointer:bool = False    # class-name words (one-token names) get log(α + p(class | the region the pointer points at)) (ours; needs code_pointer)
     name_floor:float = 0.1       # α: the name pointer's floor, so a word for no region on the image costs at most log α
     region_dedup:float|None = None # mark duplicate and empty regions no-object in the evidence and the name pointer: a region overlapping a stronger one of its group (findings together) by more than this share of the smaller mask (ours; None: off)
+    region_readout:bool = False    # add to each text state a gated, learned count of the region tokens' classes, so words such as yes/no and numbers can read the image directly (ours; needs llm.name_pointer)
     region_tokens:bool = True    # the LLM sees the perceiver's region tokens after the patch tokens (False: patch tokens only; an ablation)
 
 @dataclass

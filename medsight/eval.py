@@ -268,7 +268,7 @@ def report_md(metrics:dict) -> str:
     lc = metrics.get('lesion_count')
     if lc and lc['n']:
         out += ['', '## DiagSeg: lesions in the reference against lesions segmented', '',
-                f"The answer segments as many regions as the reference holds on {_fmt(lc['exact'])} of {lc['n']} diagnose-then-segment questions.", '',
+                f"The answer segments as many regions as the reference holds on {round(lc['exact'] * lc['n'])} of {lc['n']} diagnose-then-segment questions ({lc['exact']:.0%}).", '',
                 '| reference \\ answer | ' + ' | '.join(lc['cols']) + ' |', '|' + '---|' * (len(lc['cols']) + 1)]
         out += [f"| {r} | " + ' | '.join(map(str, row)) + ' |' for r, row in zip(lc['rows'], lc['counts'])]
     if metrics.get('cost'): out += ['', '## Cost', '', cost_md(metrics['cost']['stages'], metrics['cost']['generation'])]

@@ -18,10 +18,11 @@ from .region import RegionModel
 from .vision import unletterbox
 
 # %% auto #0
-__all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'bnb_config', 'tiny_llm_config', 'load_llm',
-           'MedSightConfig', 'VisionToText', 'CodeTokens', 'class_probs', 'region_evidence', 'distinct_regions',
-           'CodePointer', 'PointerContext', 'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight',
-           'VisionCache', 'token_kinds', 'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
+__all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'bnb_config', 'tiny_llm_config',
+           'keep_4bit_trainable', 'load_llm', 'MedSightConfig', 'VisionToText', 'CodeTokens', 'class_probs',
+           'region_evidence', 'distinct_regions', 'CodePointer', 'PointerContext', 'RegionReadout', 'MedSightOutput',
+           'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'VisionCache', 'token_kinds', 'plot_token_layout',
+           'Generation', 'Region', 'GroundedAnswer']
 
 # %% ../nbs/05_model.ipynb #7345902a
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -73,12 +74,18 @@ def tiny_llm_config(cfg:LLMConfig, tokenizer):
                        tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
 
 # %% ../nbs/05_model.ipynb #bd2fa48f
+def keep_4bit_trainable(llm):
+    "Stop bitsandbytes (0.50) repacking NF4 weights on AVX512-BF16 CPUs at the first no-grad eval pass: that layout has no backward."
+    for m in llm.modules():
+        if hasattr(m, 'support_avx512bf16_for_cpu'): m.support_avx512bf16_for_cpu = False
+    return llm
+
 def _quantize(llm, dtype=None):
     "Reload an in-memory model with NF4 weights (transformers quantises at `from_pretrained`)."
     from transformers import AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as d:
         llm.save_pretrained(d)
-        return AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_config(), dtype=dtype or torch.float32)
+        return keep_4bit_trainable(AutoModelForCausalLM.from_pretrained(d, quantization_config=bnb_config(), dtype=dtype or torch.float32))
 
 def load_llm(cfg:LLMConfig,          # the `llm` section of a run config
              load_in_4bit:bool=None, # NF4 weights (default `cfg.load_in_4bit`)
@@ -110,7 +117,8 @@ def load_llm(cfg:LLMConfig,          # the `llm` section of a run config
         kw = dict(gguf_file=cfg.gguf_file) if cfg.gguf_file else {}
         tok = tokenizer or AutoTokenizer.from_pretrained(cfg.path, **kw)
         if q4: kw['quantization_config'] = bnb_config()
-        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype or 'auto', **kw), tok
+        llm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype or 'auto', **kw)
+        return (keep_4bit_trainable(llm) if q4 else llm), tok
     raise ConfigError(f'unknown llm.kind {cfg.kind!r}', field='llm.kind', hint="'tiny', 'smollm2' or 'hf'")
 
 # %% ../nbs/05_model.ipynb #1c14c107
@@ -228,6 +236,21 @@ class PointerContext:
         pick = lambda t: None if t is None else t[rows]
         return PointerContext(self.pos[rows], self.codes[rows], pick(self.keys), pick(self.cls))
 
+class RegionReadout(nn.Module):
+    "Class-gated counts of the region tokens, added to a text state: h + W_o[Σ_j g_j·p(· | j), Σ_j g_j], g_j = σ(a(h)·p(· | j) + b(h))."
+    def __init__(self, hidden:int, n_classes:int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, n_classes + 1)                         # a(h): which classes to count, b(h): a threshold
+        self.out = nn.Linear(n_classes + 1, hidden)
+        nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)       # starts as the identity
+    def counts(self, h, cls):   # h (…, H); cls (…, N, C), or (B, N, C) for h (B, T, H)
+        a = self.gate(h); w, b = a[..., :-1], a[..., -1:]                    # (…, C), (…, 1)
+        cls = cls.to(a.dtype)
+        g = torch.sigmoid((w @ cls.transpose(-1, -2) if cls.dim() == w.dim() else (w.unsqueeze(-2) @ cls.transpose(-1, -2)).squeeze(-2)) + b)   # (…, N)
+        c = g @ cls if g.dim() == cls.dim() else (g.unsqueeze(-2) @ cls).squeeze(-2)   # (…, C)
+        return torch.cat([c, g.sum(-1, keepdim=True)], -1)                   # (…, C + 1)
+    def forward(self, h, cls): return h + self.out(self.counts(h, cls).to(h.dtype))
+
 # %% ../nbs/05_model.ipynb #d90c3f67
 @dataclass
 class MedSightOutput:
@@ -257,9 +280,7 @@ class MedSightForCausalLM(PreTrainedModel):
             from transformers import AutoConfig, AutoModelForCausalLM
             if not config.text_config: raise ConfigError('the config has no text_config to build the LLM from', field='text_config')
             llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.text_config))
-        self.llm, self.tokenizer = llm, None
-        for m in llm.modules():     # bitsandbytes (0.50) repacks NF4 weights on AVX512-BF16 CPUs at the first no-grad eval pass;
-            if hasattr(m, 'support_avx512bf16_for_cpu'): m.support_avx512bf16_for_cpu = False   # that layout has no backward (chapter text)
+        self.llm, self.tokenizer = keep_4bit_trainable(llm), None   # NF4 layers stay trainable after eval passes (chapter text)
         self.vision_cache = None                                    # a `VisionCache` while the vision side is frozen (stages 3–5)
         tc = llm.config.get_text_config()
         H = tc.hidden_size
@@ -274,6 +295,9 @@ class MedSightForCausalLM(PreTrainedModel):
         if cfg.llm.name_pointer and not cfg.llm.code_pointer:
             raise ConfigError('the name pointer reuses the code pointer', field='llm.name_pointer', hint='set llm.code_pointer=true too, or llm.name_pointer=false')
         self.register_buffer('name_ids', torch.full((len(config.classes) if cfg.llm.name_pointer else 0,), -1), persistent=False)
+        if cfg.llm.region_readout and not cfg.llm.name_pointer:
+            raise ConfigError("the region readout counts the name pointer's region classes", field='llm.region_readout', hint='set llm.name_pointer=true too')
+        self.region_readout = RegionReadout(H, len(config.classes)) if cfg.llm.region_readout else None
         self.region_dedup = cfg.llm.region_dedup                    # None: every region token keeps its classes
         fnd = set(getattr(config, 'findings', None) or ())          # configs saved before `findings` existed: none
         self.register_buffer('findings', torch.tensor([c in fnd for c in config.classes], dtype=torch.bool), persistent=False)
@@ -393,7 +417,8 @@ def embed_tokens(self:MedSightForCausalLM, ids:torch.Tensor) -> torch.Tensor: # 
 @patch
 def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) -> torch.Tensor: # (…, H) → (…, V)
     "Next-token logits over the extended vocabulary (`<image>` never wins); with `ptr`, code logits + log p(code | pointer)."
-    base = self._base_lm().get_output_embeddings()(h)[..., :self.config.first_new_id]    # (…, V0)
+    hw = h if self.region_readout is None or ptr is None or ptr.cls is None else self.region_readout(h, ptr.cls)
+    base = self._base_lm().get_output_embeddings()(hw)[..., :self.config.first_new_id]   # (…, V0) words: with the region counts
     new = h @ self.code_tokens.out_rows()[1:].to(h.dtype).T                             # (…, M·K)
     if ptr is not None and ptr.keys is not None:
         p = self.code_pointer(h, ptr.keys).float().softmax(-1)                           # (…, N) where the pointer points

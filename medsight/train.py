@@ -909,7 +909,8 @@ def llm_spec(cfg:RunConfig, stage:str) -> StageSpec:
     if stage == '5' and not cfg.llm.lora_r:
         spec = replace(spec, trains=['llm', 'code_tokens', 'proj_v2t', 'proj_t2v'], title='Instruction tuning (full LLM)')
     if stage in ('4', '5') and cfg.llm.code_pointer: spec = replace(spec, trains=spec.trains + ['code_pointer'])
-    return replace(spec, lr_scale={t: sc for t in spec.trains if t in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer')})
+    if stage in ('4', '5') and cfg.llm.region_readout: spec = replace(spec, trains=spec.trains + ['region_readout'])
+    return replace(spec, lr_scale={t: sc for t in spec.trains if t in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')})
 
 def attach_lora(model, cfg:RunConfig):
     "Wrap `model.llm` in LoRA adapters (after k-bit preparation when the LLM is 4-bit); no-op if already wrapped."
