@@ -528,9 +528,11 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
     else:
         probe = copy.deepcopy(model); opt = torch.optim.AdamW(probe.parameters(), lr)
         unet_loss(probe, batches(0))['loss'].backward(); opt.step()         # warm-up, untimed
-        t0 = time.perf_counter()
-        for i in range(3): opt.zero_grad(); unet_loss(probe, batches(i))['loss'].backward(); opt.step()
-        steps = max(10, int(budget_s / ((time.perf_counter() - t0) / 3)))
+        dts = []                                                            # the median of 10 timed steps: 3 misjudged
+        for i in range(10):                                                 # the pace by ±25 % between two runs
+            t0 = time.perf_counter(); opt.zero_grad(); unet_loss(probe, batches(i))['loss'].backward(); opt.step()
+            dts.append(time.perf_counter() - t0)
+        steps = max(10, int(budget_s / float(np.median(dts))))
         atomic_write_text(plan, json.dumps(dict(steps=steps, budget_s=budget_s, classes=classes, channels=list(channels), size=size)))
     spec = StageSpec('unet', 'class-wise UNet baseline', trains=['net'], losses=['dice', 'bce'], data='masks')
     m = fit(model, spec, unet_loss, batches, steps, out, lr, seed=seed, progress=progress, log_every=10)
