@@ -528,8 +528,8 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
     else:
         probe = copy.deepcopy(model); opt = torch.optim.AdamW(probe.parameters(), lr)
         unet_loss(probe, batches(0))['loss'].backward(); opt.step()         # warm-up, untimed
-        dts = []                                                            # the median of 10 timed steps: 3 misjudged
-        for i in range(10):                                                 # the pace by ±25 % between two runs
+        dts = []                                                            # the median of 10 timed steps (3 misjudged the pace
+        for i in range(10):                                                 # by up to 24 %); still an estimate: the report gives the real time
             t0 = time.perf_counter(); opt.zero_grad(); unet_loss(probe, batches(i))['loss'].backward(); opt.step()
             dts.append(time.perf_counter() - t0)
         steps = max(10, int(budget_s / float(np.median(dts))))
