@@ -152,6 +152,8 @@ class PerceiverConfig:
     image_skip:bool = False      # add a light conv path from the image to each upsampling stage (ours, not the paper's)
     full_res:bool = False        # final mask features at the input image's resolution, refined by a conv path from the image (ours)
     mask_class:bool = False      # the class head also reads the features under the query's own mask, and its area (ours)
+    refine_classes:bool = False  # a second, calibrated class head trained in stage 2 on the frozen perceiver: it also sees the other regions and their overlap (ours)
+    refine_batch:int = 256       # images whose regions train that classifier at each stage-2 step, drawn from a table of the training split computed once
 
 @dataclass
 class CodebookConfig:
@@ -194,7 +196,8 @@ class LLMConfig:
     name_pointer:bool = False    # class-name words (one-token names) get log(α + p(class | the region the pointer points at)) (ours; needs code_pointer)
     name_floor:float = 0.1       # α: the name pointer's floor, so a word for no region on the image costs at most log α
     region_dedup:float|None = None # mark duplicate and empty regions no-object in the evidence and the name pointer: a region overlapping a stronger one of its group (findings together) by more than this share of the smaller mask (ours; None: off)
-    region_readout:bool = False    # add to each text state a gated, learned count of the region tokens' classes, so words such as yes/no and numbers can read the image directly (ours; needs llm.name_pointer)
+    region_readout:bool = False    # add to each text state what the image holds: per class, the region tokens' summed class probabilities, all and not yet named, through a small MLP, so words such as yes/no and numbers can read the image directly (ours; needs llm.name_pointer)
+    pointer_features:bool = False  # the code pointer's keys also read each region's evidence (classes, centre, size, peak), and a learned term for regions already named in the answer (ours; needs code_pointer)
     region_tokens:bool = True    # the LLM sees the perceiver's region tokens after the patch tokens (False: patch tokens only; an ablation)
 
 @dataclass
@@ -210,6 +213,7 @@ class TrainConfig:
     stage_lr:dict = field(default_factory=dict) # peak lr per stage where it differs from `lr`, e.g. {'5': 2e-3}
     num_workers:int = 0          # data-loader workers
     new_rows_lr_scale:float = 10.0 # lr multiplier of the code-token rows and the projectors in stages 3–5
+    lr_scales:dict = field(default_factory=dict) # stages 3–5: lr multiplier per module where it differs from `new_rows_lr_scale`, e.g. {'region_readout': 5}
     grounding_mix:float|None = None # stage 5: share of grounding samples per batch (None: as in the data)
     val_samples:int = 64         # stages 3–5: validation samples generated at the end of a stage
     max_new_tokens:int = 48      # generation budget for validation
@@ -285,10 +289,12 @@ def _paper_vision(): return VisionConfig(kind='clip', path='openai/clip-vit-larg
                                          dim=1024, patch=14, layer=-2, freeze=True,
                                          mean=(0.4815, 0.4578, 0.4082), std=(0.2686, 0.2613, 0.2758))
 PRESETS = {
-    'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(image_skip=True, full_res=True, mask_class=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
-                       llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True), train=TrainConfig(steps={'1': 450, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0)),
-    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
-                       llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True),
+    'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(image_skip=True, full_res=True, mask_class=True, refine_classes=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
+                       llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True),
+                       train=TrainConfig(steps={'1': 450, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
+    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
+                       llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True,
+                                     pointer_features=True, region_readout=True),
                        train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 600, '2': 300, '3': 60, '4': 150, '5': 600})),
     'paper': RunConfig(preset='paper', vision=_paper_vision(),
                        perceiver=PerceiverConfig(n_queries=20, dim=256, heads=8, stages=3, mask_size=192),

@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from transformers import PretrainedConfig, PreTrainedModel
 from .core import RunConfig, LLMConfig, ConfigError, DataError, CheckpointError, config_from_dict
 from .codebook import code_token
-from .perceiver import PerceiverOutput, PixelFeatures, dice_loss, resize_masks
+from .perceiver import PerceiverOutput, PixelFeatures, dice_loss, resize_masks, region_class_logits
 from .region import RegionModel
 from .vision import unletterbox
 
@@ -216,14 +216,21 @@ def distinct_regions(class_logits:torch.Tensor, # (B, N, C+1) the perceiver's cl
 # %% ../nbs/05_model.ipynb #446b5c33
 class CodePointer(nn.Module):
     "Scores the image's region tokens as the referent of the next code token: states (…, H) · keys (…, N, P) → (…, N)."
-    def __init__(self, hidden:int, dim:int=128):
+    def __init__(self, hidden:int, dim:int=128,
+                 n_evidence:int=0):  # width of the region evidence the keys also read, with a revisit term (`llm.pointer_features`; 0: neither)
         super().__init__()
         self.q, self.k, self.scale = nn.Linear(hidden, dim), nn.Linear(hidden, dim), dim ** -0.5
-    def keys(self, h_regions): return self.k(h_regions)                      # (B, N, H) → (B, N, P)
-    def forward(self, h, keys):
+        self.feat = nn.Linear(n_evidence, dim) if n_evidence else None       # what the region is, straight into its key
+        self.revisit = nn.Linear(hidden, 1) if n_evidence else None          # the state decides what an already named region is worth
+    def keys(self, h_regions, evidence=None):                                # (B, N, H), (B, N, E) → (B, N, P)
+        k = self.k(h_regions)
+        return k if self.feat is None or evidence is None else k + self.feat(evidence.to(k.dtype))
+    def forward(self, h, keys, visited=None):  # visited: 1 where a region was already named, shaped like the scores (None: ignored)
         q = self.q(h) * self.scale                                           # (…, P)
-        if keys.dim() == q.dim(): return q @ keys.transpose(-1, -2)         # (B, T, P) · (B, N, P) → (B, T, N)
-        return (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)       # (S, P) · (S, N, P) → (S, N)
+        if keys.dim() == q.dim(): s = q @ keys.transpose(-1, -2)            # (B, T, P) · (B, N, P) → (B, T, N)
+        else: s = (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)    # (S, P) · (S, N, P) → (S, N)
+        if visited is not None and self.revisit is not None: s = s + self.revisit(h) * visited.to(s.dtype)
+        return s
 
 @dataclass
 class PointerContext:
@@ -232,24 +239,31 @@ class PointerContext:
     codes:torch.Tensor          # (B, N) code column (bank · K + code) of each region token's quantised query
     keys:torch.Tensor = None    # (B, N, P) pointer keys from the LLM's last states at those positions
     cls:torch.Tensor = None     # (B, N, C) each region's class probabilities, for the name pointer (None: off)
-    def take(self, rows):       # the context of the rows `rows` (one per selected position)
+    feats:torch.Tensor = None   # (B, N, E) each region's evidence, for the pointer's keys (None: `llm.pointer_features` off)
+    visited:torch.Tensor = None # 1 where a region was named by an earlier code token: (B, T, N), (S, N) or (B, N) like the scores
+    def take(self, rows):       # the context of the rows `rows` (one per selected position); `visited` is per position, set by the caller
         pick = lambda t: None if t is None else t[rows]
-        return PointerContext(self.pos[rows], self.codes[rows], pick(self.keys), pick(self.cls))
+        return PointerContext(self.pos[rows], self.codes[rows], pick(self.keys), pick(self.cls), pick(self.feats))
+
+def _per_row(x, cls):           # x (…, N) weights, cls (B, N, C) or (S, N, C) → (…, C)
+    return x @ cls if x.dim() == cls.dim() else (x.unsqueeze(-2) @ cls).squeeze(-2)
 
 class RegionReadout(nn.Module):
-    "Class-gated counts of the region tokens, added to a text state: h + W_o[Σ_j g_j·p(· | j), Σ_j g_j], g_j = σ(a(h)·p(· | j) + b(h))."
-    def __init__(self, hidden:int, n_classes:int):
+    "What the image holds, added to a text state: h + W₂ GELU(W₁[LN(h), Σ_j p(·|j), Σ_j (1 − v_j) p(·|j)]), W₂ zero-initialised."
+    def __init__(self, hidden:int, n_classes:int, width:int=64):
         super().__init__()
-        self.gate = nn.Linear(hidden, n_classes + 1)                         # a(h): which classes to count, b(h): a threshold
-        self.out = nn.Linear(n_classes + 1, hidden)
+        self.norm, self.inp = nn.LayerNorm(hidden), nn.Linear(hidden + 2 * n_classes, width)
+        self.out = nn.Linear(width, hidden)
         nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)       # starts as the identity
-    def counts(self, h, cls):   # h (…, H); cls (…, N, C), or (B, N, C) for h (B, T, H)
-        a = self.gate(h); w, b = a[..., :-1], a[..., -1:]                    # (…, C), (…, 1)
-        cls = cls.to(a.dtype)
-        g = torch.sigmoid((w @ cls.transpose(-1, -2) if cls.dim() == w.dim() else (w.unsqueeze(-2) @ cls.transpose(-1, -2)).squeeze(-2)) + b)   # (…, N)
-        c = g @ cls if g.dim() == cls.dim() else (g.unsqueeze(-2) @ cls).squeeze(-2)   # (…, C)
-        return torch.cat([c, g.sum(-1, keepdim=True)], -1)                   # (…, C + 1)
-    def forward(self, h, cls): return h + self.out(self.counts(h, cls).to(h.dtype))
+    def counts(self, h, cls, visited=None):
+        "Per class, the regions' summed probabilities, all and not yet named: (…, 2C) for states h (…, H)."
+        cls = cls.to(h.dtype)                                                # (B, N, C) for h (B, T, H) or (B, H); (S, N, C) for h (S, H)
+        total = cls.sum(-2)                                                  # (B, C) or (S, C)
+        if h.dim() == cls.dim(): total = total[:, None].expand(-1, h.shape[1], -1)   # (B, T, C)
+        left = total if visited is None else _per_row(1 - visited.to(h.dtype), cls)
+        return torch.cat([total, left], -1)
+    def forward(self, h, cls, visited=None):
+        return h + self.out(F.gelu(self.inp(torch.cat([self.norm(h), self.counts(h, cls, visited)], -1))))
 
 # %% ../nbs/05_model.ipynb #d90c3f67
 @dataclass
@@ -290,7 +304,11 @@ class MedSightForCausalLM(PreTrainedModel):
         if self.code_residual:                                      # start as the code's own decoding; the LLM state refines it
             nn.init.zeros_(self.proj_t2v[-1].weight); nn.init.zeros_(self.proj_t2v[-1].bias)
         self.code_tokens = CodeTokens(1 + self.codebook.M * self.codebook.K, H, tied=bool(tc.tie_word_embeddings))
-        self.code_pointer = CodePointer(H, cfg.llm.pointer_dim) if cfg.llm.code_pointer else None
+        if cfg.llm.pointer_features and not cfg.llm.code_pointer:
+            raise ConfigError('pointer features are read by the code pointer', field='llm.pointer_features', hint='set llm.code_pointer=true too, or llm.pointer_features=false')
+        self.n_evidence = len(config.classes) + 5                   # `region_evidence`: C + 1 class probabilities, centre x, y, √area, peak
+        self.code_pointer = CodePointer(H, cfg.llm.pointer_dim, self.n_evidence if cfg.llm.pointer_features else 0) if cfg.llm.code_pointer else None
+        self.region_head = rm.region_head                           # `perceiver.refine_classes`: trained in stage 2, frozen here
         self.region_tokens, self.name_floor = cfg.llm.region_tokens, cfg.llm.name_floor
         if cfg.llm.name_pointer and not cfg.llm.code_pointer:
             raise ConfigError('the name pointer reuses the code pointer', field='llm.name_pointer', hint='set llm.code_pointer=true too, or llm.name_pointer=false')
@@ -303,7 +321,7 @@ class MedSightForCausalLM(PreTrainedModel):
         self.register_buffer('findings', torch.tensor([c in fnd for c in config.classes], dtype=torch.bool), persistent=False)
         if not self.region_tokens and (cfg.llm.code_pointer or cfg.llm.region_evidence):
             raise ConfigError('the code pointer and region evidence work on region tokens', field='llm.region_tokens',
-                              hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false')
+                              hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false,llm.pointer_features=false,llm.region_readout=false')
 
 # %% ../nbs/05_model.ipynb #f5b32c8a
 @patch(as_prop=True)
@@ -417,11 +435,11 @@ def embed_tokens(self:MedSightForCausalLM, ids:torch.Tensor) -> torch.Tensor: # 
 @patch
 def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) -> torch.Tensor: # (…, H) → (…, V)
     "Next-token logits over the extended vocabulary (`<image>` never wins); with `ptr`, code logits + log p(code | pointer)."
-    hw = h if self.region_readout is None or ptr is None or ptr.cls is None else self.region_readout(h, ptr.cls)
+    hw = h if self.region_readout is None or ptr is None or ptr.cls is None else self.region_readout(h, ptr.cls, ptr.visited)
     base = self._base_lm().get_output_embeddings()(hw)[..., :self.config.first_new_id]   # (…, V0) words: with the region counts
     new = h @ self.code_tokens.out_rows()[1:].to(h.dtype).T                             # (…, M·K)
     if ptr is not None and ptr.keys is not None:
-        p = self.code_pointer(h, ptr.keys).float().softmax(-1)                           # (…, N) where the pointer points
+        p = self.code_pointer(h, ptr.keys, ptr.visited).float().softmax(-1)              # (…, N) where the pointer points
         new = new + self.pointer_logprobs(h, ptr, p=p).to(new.dtype)
         if ptr.cls is not None and len(self.name_ids): base = base + self.name_bias(p, ptr).to(base.dtype)
     return torch.cat([base, torch.full_like(new[..., :1], torch.finfo(new.dtype).min), new], -1)
@@ -429,7 +447,7 @@ def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) ->
 @patch
 def pointer_logprobs(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext, eps:float=1e-6, p=None) -> torch.Tensor:
     "log p(code) of pointing at the region tokens: softmax over the N regions, summed per code; codes of no region get log ε."
-    if p is None: p = self.code_pointer(h, ptr.keys).float().softmax(-1)   # (…, N)
+    if p is None: p = self.code_pointer(h, ptr.keys, ptr.visited).float().softmax(-1)   # (…, N)
     codes = ptr.codes if p.dim() == ptr.codes.dim() else ptr.codes[:, None].expand_as(p)
     pc = p.new_zeros(*p.shape[:-1], self.codebook.M * self.codebook.K).scatter_add_(-1, codes, p)   # (…, M·K)
     return (pc + eps).log()
@@ -448,14 +466,28 @@ def name_bias(self:MedSightForCausalLM, p:torch.Tensor, ptr:PointerContext) -> t
 def distinct(self:MedSightForCausalLM, out:PerceiverOutput):
     "`distinct_regions` of a perceiver output with `llm.region_dedup` as the overlap, findings as one group; None when off."
     if self.region_dedup is None: return None
-    return distinct_regions(out.class_logits[-1], out.mask_logits[-1], self.findings if self.findings.any() else None, overlap=self.region_dedup)
+    return distinct_regions(region_class_logits(out), out.mask_logits[-1], self.findings if self.findings.any() else None, overlap=self.region_dedup)
+
+@patch
+def regions_of(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
+    "`vision_outputs` with the region classifier's second look filled in (`out.region_logits`) when the model has one."
+    patches, cls, out = self.vision_outputs(pixel_values)        # (B, h·w, D), (B, D), queries (B, N, Dq)
+    if self.region_head is not None and out.region_logits is None:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in self.region_head.parameters())):
+            out.region_logits = self.region_head(out, self.perceiver.norm)                # (B, N, C+1)
+    return patches, cls, out
+
+@patch
+def evidence(self:MedSightForCausalLM, out:PerceiverOutput) -> torch.Tensor: # → (B, N, C+5), detached
+    "`region_evidence` of the regions: their final classes (`region_class_logits`), with `distinct` applied, and their masks."
+    return region_evidence(region_class_logits(out), out.mask_logits[-1], self.distinct(out)).detach()
 
 @patch
 def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
     "Patch + region tokens in the LLM's width (B, h·w + N, H), the perceiver's output (with its cache) and CLS."
-    patches, cls, out = self.vision_outputs(pixel_values)        # (B, h·w, D), (B, D), queries (B, N, Dq)
-    ev = region_evidence(out.class_logits[-1], out.mask_logits[-1], self.distinct(out)).detach() if self.proj_v2t.evidence is not None else None
+    patches, cls, out = self.regions_of(pixel_values)
     if not self.region_tokens: return self.proj_v2t.patches(patches), out, cls        # the ablation: (B, h·w, H)
+    ev = self.evidence(out) if self.proj_v2t.evidence is not None else None
     return torch.cat([self.proj_v2t.patches(patches), self.proj_v2t.regions(out.queries, ev)], 1), out, cls
 
 @patch
@@ -478,14 +510,27 @@ def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:
             m, _, _ = self.codebook.resolve_modality(modality, cls, B)                     # (B,) bank
             k = self.codebook.encode(pout.queries, m)                                      # (B, N) code in bank (m is resolved)
         ptr = PointerContext(pos, (m.to(k.device)[:, None] * K + k).to(emb.device))
-        if len(self.name_ids): ptr.cls = class_probs(pout.class_logits[-1].detach(), self.distinct(pout))[..., :-1].to(emb.device)   # (B, N, C)
+        if len(self.name_ids): ptr.cls = class_probs(region_class_logits(pout).detach(), self.distinct(pout))[..., :-1].to(emb.device)   # (B, N, C)
+        if self.code_pointer is not None and self.code_pointer.feat is not None: ptr.feats = self.evidence(pout).to(emb.device)     # (B, N, C+5)
     return emb.masked_scatter(is_img[..., None], vis.to(emb.dtype)), pout, ptr
 
 @patch
 def pointer_keys(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext) -> PointerContext: # h (B, T, H)
-    "Fill `ptr.keys` from the LLM's last hidden states at the region tokens."
-    if ptr is not None and self.code_pointer is not None: ptr.keys = self.code_pointer.keys(h.gather(1, ptr.pos[..., None].expand(-1, -1, h.shape[-1])))   # (B, N, P)
+    "Fill `ptr.keys` from the LLM's last hidden states at the region tokens (and their evidence, with pointer features)."
+    if ptr is not None and self.code_pointer is not None:
+        ptr.keys = self.code_pointer.keys(h.gather(1, ptr.pos[..., None].expand(-1, -1, h.shape[-1])), ptr.feats)   # (B, N, P)
     return ptr
+
+@patch
+def coverage(self:MedSightForCausalLM, input_ids:torch.Tensor, ptr:PointerContext) -> torch.Tensor: # (B, T) ids → (B, T, N) bool
+    "Per position t and region j: did a code token at or before t name region j (its code is region j's)? The pointer's and readout's `visited`."
+    named = self.is_code(input_ids)[..., None] & ((input_ids - self.code_start)[..., None] == ptr.codes[:, None, :])   # (B, T, N)
+    return named.cummax(1).values if named.shape[1] else named
+
+@patch(as_prop=True)
+def tracks_coverage(self:MedSightForCausalLM) -> bool:
+    "Does anything read `coverage` (the region readout, or the pointer's revisit term)?"
+    return self.region_readout is not None or (self.code_pointer is not None and self.code_pointer.revisit is not None)
 
 @patch
 def run_backbone(self:MedSightForCausalLM, emb, attention_mask=None, position_ids=None, cache=None, use_cache:bool=False):
@@ -615,13 +660,16 @@ def forward(self:MedSightForCausalLM,
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     h, cache = self.run_backbone(emb, attention_mask, position_ids, past_key_values, use_cache)   # (B, T, H)
     ptr = self.pointer_keys(h, ptr)
+    if ptr is not None and self.tracks_coverage: ptr.visited = self.coverage(input_ids, ptr)   # (B, T, N) regions named so far
     res = MedSightOutput(hidden_states=h, past_key_values=cache)
     if return_logits or (return_logits is None and labels is None): res.logits = self.logits(h, ptr)
     if labels is None: return res
     labels = labels.to(h.device)
     tgt = labels[:, 1:]; sel = tgt != -100                                     # logits only where there are labels
     rows = sel.nonzero()[:, 0]                                                 # batch row of each selected position
-    lg = self.logits(h[:, :-1][sel], None if ptr is None else ptr.take(rows))  # (S, V)
+    pt = None if ptr is None else ptr.take(rows)
+    if pt is not None and ptr.visited is not None: pt.visited = ptr.visited[:, :-1][sel]   # (S, N)
+    lg = self.logits(h[:, :-1][sel], pt)                                       # (S, V)
     res.lm_loss = F.cross_entropy(lg.float(), tgt[sel]) if sel.any() else h.sum() * 0
     res.loss = res.lm_loss
     is_code = self.is_code(input_ids) & (labels != -100)                       # (B, T)
@@ -721,6 +769,8 @@ def generate_codes(self:MedSightForCausalLM,
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)                             # (B, T) left padding aware
     h, cache = self.run_backbone(emb, attn, pos, None, True)
     ptr = self.pointer_keys(h, ptr)
+    track = ptr is not None and self.tracks_coverage
+    if track: ptr.visited = self.coverage(input_ids, ptr)[:, -1]                # (B, N) regions the prompt already named
     h, pos = h[:, -1], pos[:, -1:]                                             # (B, H), (B, 1)
     ids, probs, code_h, code_pos = ([[] for _ in range(B)] for _ in range(4))
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -731,6 +781,7 @@ def generate_codes(self:MedSightForCausalLM,
         pn = lg.softmax(-1).gather(1, nxt[:, None])[:, 0]
         for b in (~done).nonzero()[:, 0].tolist(): ids[b].append(int(nxt[b])); probs[b].append(float(pn[b]))
         code = self.is_code(nxt) & ~done
+        if track: ptr.visited = ptr.visited | (code[:, None] & (ptr.codes == (nxt - self.code_start)[:, None]))   # (B, N)
         done = done | torch.isin(nxt, stop)
         if done.all() and not code.any(): break
         attn, pos = torch.cat([attn, torch.ones_like(attn[:, :1])], 1), pos + 1

@@ -13,8 +13,9 @@ from .core import PerceiverConfig, ConfigError, DataError
 
 # %% auto #0
 __all__ = ['sine_pos_2d', 'Attention', 'attn_mask_from_logits', 'mlp', 'up_block', 'image_skip_block', 'fine_path', 'QueryBlock',
-           'PixelBlock', 'PixelFeatures', 'PerceiverOutput', 'RegionPerceiver', 'mask_pooled', 'resize_masks',
-           'pair_costs', 'HungarianMatcher', 'dice_loss', 'perceiver_loss', 'dice_score', 'matched_dice']
+           'PixelBlock', 'PixelFeatures', 'PerceiverOutput', 'region_class_logits', 'RegionPerceiver', 'mask_pooled',
+           'resize_masks', 'pair_costs', 'HungarianMatcher', 'dice_loss', 'perceiver_loss', 'dice_score',
+           'matched_dice']
 
 # %% ../nbs/03_perceiver.ipynb #06281ea2
 def sine_pos_2d(h:int, w:int,                # grid size
@@ -128,6 +129,11 @@ class PerceiverOutput:
     mask_logits:list                    # per stage: (B, N, H_s, W_s)
     class_logits:list                   # per stage: (B, N, C + 1), last class = no object
     features:PixelFeatures              # the cache `decode` uses
+    region_logits:torch.Tensor = None   # (B, N, C + 1) a region classifier's second look at the final regions (chapter 04b), when one ran
+
+def region_class_logits(out:PerceiverOutput) -> torch.Tensor: # (B, N, C + 1)
+    "The regions' final class logits: the region classifier's when it ran (`perceiver.refine_classes`), else the class head's last."
+    return out.class_logits[-1] if out.region_logits is None else out.region_logits
 
 # %% ../nbs/03_perceiver.ipynb #63a7df1a
 class RegionPerceiver(nn.Module):

@@ -14,9 +14,10 @@ from .perceiver import RegionPerceiver, HungarianMatcher, PerceiverOutput, perce
 from .codebook import RegionCodebook, code_token
 
 # %% auto #0
-__all__ = ['region_class', 'region_classes', 'RegionData', 'RegionModel', 'stage1_loss', 'matched_queries', 'stage2_loss',
-           'matched_batches', 'assign_codes', 'class_code_queries', 'evaluate_regions', 'code_purity',
-           'summarize_regions', 'codebook_atlas']
+__all__ = ['region_class', 'region_classes', 'RegionData', 'region_features', 'RegionClassifier', 'RegionModel', 'stage1_loss',
+           'matched_queries', 'matched_labels', 'stage2_loss', 'matched_batches', 'assign_codes', 'region_table',
+           'class_code_queries', 'evaluate_regions', 'code_purity', 'summarize_regions', 'finding_census',
+           'codebook_atlas']
 
 # %% ../nbs/04b_region.ipynb #08f25501
 def region_class(region:dict) -> str:
@@ -68,6 +69,46 @@ class RegionData:
         return dict(images=self.images[idx].float() / 255, modality=self.modality[idx], index=torch.tensor(idx),
                     targets=[dict(masks=self.masks[i], labels=self.labels[i]) for i in idx])
 
+# %% ../nbs/04b_region.ipynb #edce874d
+from .perceiver import mask_pooled, mlp
+
+def region_features(out:PerceiverOutput, # the perceiver's output
+                    norm:nn.Module       # the perceiver's final LayerNorm (its heads read normed queries)
+                   ) -> tuple:           # (B, N, C+1 + 2D + 2) features, (B, N, N) pairwise overlap
+    "What the region classifier reads, all detached: class log-probs, normed query, mask-pooled features with √area, peak; and mask overlaps."
+    ml, cl = out.mask_logits[-1].detach().float(), out.class_logits[-1].detach().float()
+    p = ml.sigmoid()                                                               # (B, N, H, W)
+    peak = p.flatten(2).amax(-1, keepdim=True)                                     # (B, N, 1)
+    bm = (p > 0.5).flatten(2).float(); area = bm.sum(-1)                           # (B, N, H·W), (B, N)
+    overlap = (bm @ bm.transpose(1, 2)) / torch.minimum(area[:, :, None], area[:, None, :]).clamp_min(1)   # (B, N, N): ∩ / smaller
+    with torch.no_grad(): q = norm(out.queries.detach()).float()                   # (B, N, D)
+    pooled = mask_pooled(ml, out.features.mask_features.detach()).float()          # (B, N, D + 1)
+    return torch.cat([cl.log_softmax(-1), q, pooled, peak], -1), overlap
+
+class RegionClassifier(nn.Module):
+    "Class or no-object of each final region, from its `region_features` and, through overlap-biased self-attention, the other regions'."
+    def __init__(self, dim:int,        # the perceiver's query width D
+                 n_classes:int,        # region classes C (the output has C + 1, the last = no object)
+                 hidden:int=128, heads:int=4):
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Linear(n_classes + 1 + 2 * dim + 2, hidden)
+        self.overlap = nn.Linear(1, heads)                                         # per-head attention bias from pairwise overlap
+        self.norm, self.attn = nn.LayerNorm(hidden), nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.ffn = mlp(hidden, 2 * hidden)
+        self.out = nn.Linear(hidden, n_classes + 1)
+
+    def forward(self, out:PerceiverOutput, norm:nn.Module) -> torch.Tensor:  # → (B, N, C + 1)
+        return self.classify(*region_features(out, norm))
+
+    def classify(self, x, ov):  # `region_features`' two tensors → (B, N, C + 1)
+        h = self.inp(x.to(self.inp.weight.dtype))                                  # (B, N, hidden)
+        ov = ov.to(h.dtype)
+        bias = self.overlap(ov[..., None]).permute(0, 3, 1, 2).flatten(0, 1)       # (B·heads, N, N)
+        n = self.norm(h)
+        h = h + self.attn(n, n, n, attn_mask=bias, need_weights=False)[0]
+        return self.out(h + self.ffn(h))
+
 # %% ../nbs/04b_region.ipynb #86c60682
 _CB_KEYS = ('warmup_steps', 'tau_start', 'tau_end', 'modality_weight', 'reseed_every', 'usage_decay', 'dead_frac', 'fifo_size')
 
@@ -89,22 +130,30 @@ class RegionModel(nn.Module):
                                        cls_dim=self.encoder.dim, **{k: getattr(cb, k) for k in _CB_KEYS})
         self.matcher = HungarianMatcher()
         self.no_object_weight = cfg.perceiver.no_object_weight
+        self.region_head = None                                # `perceiver.refine_classes`: trained in stage 2
+        if getattr(cfg.perceiver, 'refine_classes', False):
+            with torch.random.fork_rng(devices=[]):            # its own seed: the other modules' initialisation is unchanged
+                torch.manual_seed(cfg.seed)
+                self.region_head = RegionClassifier(cfg.perceiver.dim, len(classes))
 
     def normalize(self, images):  # (B, 3, S, S) in [0, 1]
         "Apply the encoder's mean/std."
         e = self.encoder
         return (images - images.new_tensor(e.mean)[:, None, None]) / images.new_tensor(e.std)[:, None, None]
 
-    def forward(self, images):    # (B, 3, S, S) in [0, 1]
+    def forward(self, images,     # (B, 3, S, S) in [0, 1]
+                refine:bool=True): # also take the region classifier's second look (`out.region_logits`), if there is one
         "The perceiver's output and the encoder's CLS: `(PerceiverOutput, cls (B, D))`."
         x = self.normalize(images)
         grid, cls = self.encoder(x)                            # (B, D, h, w), (B, D)
-        return self.perceiver(grid, x), cls
+        out = self.perceiver(grid, x)
+        if refine and self.region_head is not None: out.region_logits = self.region_head(out, self.perceiver.norm)   # (B, N, C+1)
+        return out, cls
 
 # %% ../nbs/04b_region.ipynb #acc4e1ce
 def stage1_loss(model:RegionModel, batch:dict) -> dict:
     "Hungarian-matched Dice + BCE + CE of the perceiver, summed over stages."
-    out, _ = model(batch['images'])
+    out, _ = model(batch['images'], refine=False)
     return perceiver_loss(out, batch['targets'], model.matcher, no_object_weight=model.no_object_weight)
 
 def matched_queries(model:RegionModel, out:PerceiverOutput, targets:list):
@@ -115,17 +164,30 @@ def matched_queries(model:RegionModel, out:PerceiverOutput, targets:list):
     for b, (qi, _) in enumerate(idx): valid[b, qi.to(valid.device)] = True
     return idx, valid
 
+def matched_labels(out:PerceiverOutput, targets:list, idx:list) -> torch.Tensor:
+    "(B, N) class of each query under the matching `idx`: its target's label, or no-object (C) if unmatched."
+    C = out.class_logits[-1].shape[-1] - 1
+    lab = torch.full(out.queries.shape[:2], C, dtype=torch.long, device=out.queries.device)
+    for b, (qi, ti) in enumerate(idx): lab[b, qi.to(lab.device)] = targets[b]['labels'].to(lab.device)[ti.to(lab.device)]
+    return lab
+
 # %% ../nbs/04b_region.ipynb #bbec7033
 def stage2_loss(model:RegionModel, batch:dict) -> dict:
-    "Mask losses on masks decoded from quantised queries, plus the codebook's VQ, commitment and modality losses."
-    with torch.no_grad(): out, cls = model(batch['images'])
+    "Mask losses on masks decoded from quantised queries, the codebook's VQ, commitment and modality losses, and the region classifier's CE."
+    with torch.no_grad(): out, cls = model(batch['images'], refine=False)
     idx, valid = matched_queries(model, out, batch['targets'])
     cb = model.codebook(out.queries, batch['modality'].to(out.queries.device), cls=cls, valid=valid)
     masks, classes = model.perceiver.decode(cb.quantized, out.features)          # (B, N, H, W), (B, N, C+1)
     q = PerceiverOutput(cb.quantized, [masks], [classes], out.features)
     L = perceiver_loss(q, batch['targets'], lambda *_: idx, no_object_weight=model.no_object_weight)   # keep the continuous matching
-    return dict(loss=L['loss'] + cb.loss, dice=L['dice'], bce=L['bce'], ce=L['ce'], vq=cb.vq_loss,
-                commit=cb.commit_loss, modality=cb.modality_loss, perplexity=cb.perplexity)
+    res = dict(loss=L['loss'] + cb.loss, dice=L['dice'], bce=L['bce'], ce=L['ce'], vq=cb.vq_loss,
+               commit=cb.commit_loss, modality=cb.modality_loss, perplexity=cb.perplexity)
+    if model.region_head is not None:                                             # no object weighs like any class here
+        if 'regions' in batch: t = batch['regions']; rl, lab = model.region_head.classify(t['x'], t['overlap']), t['labels']   # from a `region_table`
+        else: rl, lab = model.region_head(out, model.perceiver.norm), matched_labels(out, batch['targets'], idx)               # (B, N, C+1), (B, N)
+        res['region'] = F.cross_entropy(rl.flatten(0, 1).float(), lab.flatten())
+        res['loss'] = res['loss'] + res['region']
+    return res
 
 # %% ../nbs/04b_region.ipynb #a3f40bb2
 @torch.no_grad()
@@ -152,6 +214,20 @@ def assign_codes(model:RegionModel, data:RegionData, batch_size:int=64) -> dict:
             codes.append(row)
     return dict(codes=codes, duplicate_regions=dup_regions, images_with_duplicates=dup_images,
                 regions=sum(len(r) for r in codes), unmatched=sum(c is None for r in codes for c in r))
+
+# %% ../nbs/04b_region.ipynb #28228099
+@torch.no_grad()
+def region_table(model:RegionModel, data:RegionData, batch_size:int=64) -> dict:
+    "The region classifier's inputs and targets for every image of a split, computed once: `x` (n, N, F), `overlap` (n, N, N), `labels` (n, N)."
+    modes = [(m, m.training) for m in model.modules()]                   # `matched_batches` runs in eval mode; a training caller gets its modes back
+    xs, ovs, ys = [], [], []
+    try:
+        for b, out, cls, idx, k in matched_batches(model, data, batch_size):
+            x, ov = region_features(out, model.perceiver.norm)
+            xs.append(x.cpu()); ovs.append(ov.cpu()); ys.append(matched_labels(out, b['targets'], idx).cpu())
+    finally:
+        for m, was in modes: m.train(was)
+    return dict(x=torch.cat(xs), overlap=torch.cat(ovs), labels=torch.cat(ys))
 
 # %% ../nbs/04b_region.ipynb #cbb5d196
 @torch.no_grad()
@@ -233,6 +309,30 @@ def summarize_regions(recs:list, model:RegionModel=None) -> dict:
         fr = [v['codes_used_frac'] for v in res['per_modality'].values() if 'codes_used_frac' in v]
         res['codes_used_frac'] = _mean(fr)
     return res
+
+# %% ../nbs/04b_region.ipynb #986e679b
+def _census(pred, targets, is_finding) -> tuple: # (B, N) argmax classes (C = no object), targets, (C,) bool
+    "Per image: is the set of predicted finding classes right, and their number."
+    sets, counts = [], []
+    for p, t in zip(pred.tolist(), targets):
+        got = [c for c in p if c < len(is_finding) and is_finding[c]]
+        want = [c for c in t['labels'].tolist() if is_finding[c]]
+        sets.append(set(got) == set(want)); counts.append(len(got) == len(want))
+    return sets, counts
+
+@torch.no_grad()
+def finding_census(model:RegionModel, data:RegionData,
+                   findings:list,         # the classes that are findings (e.g. the dataset's diagnoses)
+                   batch_size:int=64) -> dict:
+    "Share of images whose finding set (`sets`) and finding count (`counts`) the regions' classes get right: class head, region classifier."
+    is_f = [c in set(findings) for c in model.classes]
+    res = {}
+    for b, out, cls, idx, k in matched_batches(model, data, batch_size):
+        for name, lg in (('head', out.class_logits[-1]), ('refined', out.region_logits)):
+            if lg is None: continue
+            s, c = _census(lg.argmax(-1).cpu(), b['targets'], is_f)
+            r = res.setdefault(name, dict(sets=[], counts=[])); r['sets'] += s; r['counts'] += c
+    return {name: {k: float(np.mean(v)) for k, v in r.items()} | dict(n=len(r['sets'])) for name, r in res.items()}
 
 # %% ../nbs/04b_region.ipynb #996aedbb
 def codebook_atlas(recs:list, data:RegionData, max_codes:int=16, examples:int=3, size:float=1.1):

@@ -744,16 +744,25 @@ def train_args(cfg:RunConfig, # the run config
 # %% ../nbs/07_train.ipynb #ec31b13c
 def region_batches(data,                 # a `RegionData`
                    batch_size:int,       # samples per micro-batch
-                   seed:int=0):          # permutation seed
-    "`batches(i)`: micro-batch `i` of an endless sequence of seeded epoch permutations."
+                   seed:int=0,           # permutation seed
+                   table=None,           # a callable returning a `region_table` (called once, on the first batch), or None
+                   table_batch:int=256): # images' regions drawn from the table into each batch (`batch['regions']`)
+    "`batches(i)`: micro-batch `i` of an endless sequence of seeded epoch permutations (and, with `table`, seeded draws of its rows)."
     n = len(data)
     if n == 0: raise ConfigError('the training split is empty', field='data')
     bs = min(batch_size, n)
     per_epoch = n // bs
+    made = {}
     def batches(i:int):
         epoch, j = divmod(int(i), per_epoch)
         perm = np.random.default_rng([seed, epoch]).permutation(n)
-        return data.batch(perm[j * bs:(j + 1) * bs])
+        b = data.batch(perm[j * bs:(j + 1) * bs])
+        if table is not None:
+            if 'rows' not in made: made['rows'] = table()
+            t = made['rows']
+            pick = torch.from_numpy(np.random.default_rng([seed, 7, int(i)]).integers(0, len(t['labels']), table_batch))
+            b['regions'] = {k: v[pick] for k, v in t.items()}
+        return b
     return batches
 
 # %% ../nbs/07_train.ipynb #1ec4db37
@@ -801,17 +810,24 @@ def load_region_model(run, cfg:RunConfig=None):
 
 # %% ../nbs/07_train.ipynb #a6451123
 def region_spec(cfg:RunConfig, stage:str) -> StageSpec:
-    "The stage spec for stage 1 or 2, given whether the encoder trains."
+    "The stage spec for stage 1 or 2, given whether the encoder trains and whether a region classifier is trained in stage 2."
     if stage == '1' and not cfg.vision.freeze:
         return replace(STAGES['1'], trains=['encoder', 'perceiver'], title='Region Perceiver (+ encoder from scratch)')
+    if stage == '2' and cfg.perceiver.refine_classes:
+        return replace(STAGES['2'], trains=STAGES['2'].trains + ['region_head'], losses=STAGES['2'].losses + ['region'],
+                       lr_scale={**STAGES['2'].lr_scale, 'region_head': 3.0}, title='Region codebook + region classifier')
     return STAGES[stage]
 
 @torch.no_grad()
-def region_val(model, data, stage:str) -> dict:
-    "Validation Dice of the stage: matched continuous masks (stage 1), and quantised ones (stage 2)."
-    from medsight.region import evaluate_regions, summarize_regions
+def region_val(model, data, stage:str, findings:list=()) -> dict:
+    "Validation of stage 1 (matched continuous Dice) or 2 (quantised Dice too, and the finding census of `findings`)."
+    from medsight.region import evaluate_regions, summarize_regions, finding_census
     s = summarize_regions(evaluate_regions(model, data))['overall']
-    return dict(dice=s['dice_continuous']) if stage == '1' else dict(dice_continuous=s['dice_continuous'], dice_quantized=s['dice_quantized'])
+    if stage == '1': return dict(dice=s['dice_continuous'])
+    out = dict(dice_continuous=s['dice_continuous'], dice_quantized=s['dice_quantized'])
+    if findings:
+        for name, c in finding_census(model, data, findings).items(): out.update({f'{name}_finding_sets': c['sets'], f'{name}_finding_counts': c['counts']})
+    return out
 
 # %% ../nbs/07_train.ipynb #5b011f44
 def train_region_stage(cfg:RunConfig,      # the run config (`train.steps['1']`, `['2']`)
@@ -836,9 +852,13 @@ def train_region_stage(cfg:RunConfig,      # the run config (`train.steps['1']`,
         load_weights(model, run/'stage1', skip=stage1_skip(run, cfg))
     val = data.get('val') or data.get('test')
     args = {**train_args(cfg, stage), **kwargs}
+    table = None
+    if stage == '2' and model.region_head is not None:                      # the classifier's inputs, once (only if the stage trains)
+        from medsight.region import region_table
+        table = lambda: region_table(model, data['train'])
     return fit(model, region_spec(cfg, stage), stage1_loss if stage == '1' else stage2_loss,
-               region_batches(data['train'], cfg.train.batch_size, cfg.seed), out_dir=run/f'stage{stage}', progress=progress,
-               val_fn=(lambda m: region_val(m, val, stage)) if val is not None else None, **args)
+               region_batches(data['train'], cfg.train.batch_size, cfg.seed, table, cfg.perceiver.refine_batch), out_dir=run/f'stage{stage}', progress=progress,
+               val_fn=(lambda m: region_val(m, val, stage, info.get('diagnoses', ()))) if val is not None else None, **args)
 
 # %% ../nbs/07_train.ipynb #668fad4d
 def write_code_labels(run, data_dir=None, datasets:dict=None) -> dict:
@@ -873,6 +893,9 @@ def codebook_report(run,                 # a run with stages 1 and 2
     s = summarize_regions(recs, model)
     rep = dict(split=split, **s['overall'], refer=s['refer'], codes_used_frac=s['codes_used_frac'], purity=s['purity'],
                per_modality=s['per_modality'], codes_seen=s['codes_seen'])
+    if info.get('diagnoses'):
+        from medsight.region import finding_census
+        rep['finding_census'] = finding_census(model, data[split], info['diagnoses'])
     lab = run/'stage2'/'code_labels.json'
     if lab.exists(): rep['code_labels'] = {k: v for k, v in json.loads(lab.read_text()).items() if k != 'splits'}
     out.mkdir(parents=True, exist_ok=True)
@@ -893,9 +916,11 @@ def _report_md(r:dict) -> str:
     rows.append(f"| **all** | {r['n']} | {_f(r['dice_continuous'])} | {_f(r['dice_quantized'])} | {_f(r['dice_control'])} | "
                 f"{_f(r['codes_used_frac'])} of each bank | |")
     rows.append(f"| referring regions | {r['refer']['n']} | {_f(r['refer']['dice_continuous'])} | {_f(r['refer']['dice_quantized'])} | {_f(r['refer']['dice_control'])} | | |")
+    census = [f"Findings read off the regions' classes ({v['n']} images, {'region classifier' if k == 'refined' else 'class head'}): "
+              f"the set right for {_f(v['sets'])}, the number for {_f(v['counts'])}." for k, v in r.get('finding_census', {}).items()]
     return '\n'.join([f"# Mask tokenizer ({r['split']} split)", '', *rows, '',
                       f"Mean code purity (share of a code's regions with its most common class): {_f(r['purity'])}.", '',
-                      '![codebook atlas](atlas.png)', ''])
+                      *[line + '\n' for line in census], '![codebook atlas](atlas.png)', ''])
 
 # %% ../nbs/07_train.ipynb #20dc5468
 def llm_spec(cfg:RunConfig, stage:str) -> StageSpec:
@@ -910,7 +935,11 @@ def llm_spec(cfg:RunConfig, stage:str) -> StageSpec:
         spec = replace(spec, trains=['llm', 'code_tokens', 'proj_v2t', 'proj_t2v'], title='Instruction tuning (full LLM)')
     if stage in ('4', '5') and cfg.llm.code_pointer: spec = replace(spec, trains=spec.trains + ['code_pointer'])
     if stage in ('4', '5') and cfg.llm.region_readout: spec = replace(spec, trains=spec.trains + ['region_readout'])
-    return replace(spec, lr_scale={t: sc for t in spec.trains if t in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')})
+    new = [t for t in spec.trains if t in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')]
+    if bad := [k for k in cfg.train.lr_scales if k not in new and k not in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')]:
+        raise ConfigError(f'train.lr_scales names {bad}, which are not new modules of the LLM stages', field='train.lr_scales',
+                          hint='keys: code_tokens, proj_v2t, proj_t2v, code_pointer, region_readout')
+    return replace(spec, lr_scale={t: float(cfg.train.lr_scales.get(t, sc)) for t in new})
 
 def attach_lora(model, cfg:RunConfig):
     "Wrap `model.llm` in LoRA adapters (after k-bit preparation when the LLM is 4-bit); no-op if already wrapped."
