@@ -91,7 +91,10 @@ def test_train_stages_1_2_and_codebook_report(tmp_path):
     m1, m2 = (json.loads((tmp_path/'r'/f'stage{s}'/'metrics.json').read_text()) for s in '12')
     for m in (m1, m2):
         for k in ('wall_s', 'samples_per_s', 'peak_mem_mb', 'trainable_params', 'val'): assert k in m, k
-    assert set(m1['val']) == {'dice'} and set(m2['val']) == {'dice_continuous', 'dice_quantized'}
+    assert set(m1['val']) == {'dice'}
+    # tiny preset has perceiver.refine_classes on: stage 2 also reports the region classifier's census figures
+    assert set(m2['val']) == {'dice_continuous', 'dice_quantized', 'head_finding_sets', 'head_finding_counts',
+                              'refined_finding_sets', 'refined_finding_counts'}
     assert (tmp_path/'r'/'stage2'/'code_labels.json').exists() and (tmp_path/'r'/'config.json').exists()
     again = medsight('train', '--data', tmp_path/'d', '--out', tmp_path/'r', '--stage', '1,2', '--quiet', '--set', 'train.steps={"1": 4, "2": 3},train.batch_size=4')
     assert json.loads((tmp_path/'r'/'stage1'/'metrics.json').read_text()) == m1      # finished stages are skipped
