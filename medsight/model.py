@@ -18,11 +18,11 @@ from .region import RegionModel
 from .vision import unletterbox
 
 # %% auto #0
-__all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'bnb_config', 'tiny_llm_config',
-           'keep_4bit_trainable', 'load_llm', 'MedSightConfig', 'VisionToText', 'CodeTokens', 'class_probs',
-           'region_evidence', 'distinct_regions', 'CodePointer', 'PointerContext', 'RegionReadout', 'MedSightOutput',
-           'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'VisionCache', 'token_kinds', 'plot_token_layout',
-           'Generation', 'Region', 'GroundedAnswer']
+__all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'cache_root', 'smollm2_dir', 'bnb_config',
+           'tiny_llm_config', 'keep_4bit_trainable', 'load_llm', 'MedSightConfig', 'VisionToText', 'CodeTokens',
+           'class_probs', 'region_evidence', 'distinct_regions', 'CodePointer', 'PointerContext', 'RegionReadout',
+           'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'VisionCache', 'token_kinds',
+           'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
 
 # %% ../nbs/05_model.ipynb #7345902a
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -57,6 +57,34 @@ def smollm2_files() -> tuple:
     d = Path(list(sp.submodule_search_locations)[0])
     if not (g := sorted(d.glob('*.gguf'))): raise ConfigError(f'no .gguf file in {d}', path=d, field='llm.kind')
     return str(d), g[0].name
+
+def cache_root() -> Path:
+    "Where medsight keeps what it derives once from packaged files: `$MEDSIGHT_CACHE`, else `~/.cache/medsight`."
+    import os
+    return Path(os.environ.get('MEDSIGHT_CACHE') or Path.home()/'.cache'/'medsight')
+
+def smollm2_dir() -> Path:
+    "A Hugging Face folder (safetensors + tokenizer) converted once from the packaged GGUF; later loads skip the GGUF parse."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d, g = smollm2_files()
+    gguf = Path(d)/g
+    key = hashlib.sha1(f'{g}:{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}'.encode()).hexdigest()[:12]
+    out = cache_root()/f'smollm2-{key}'
+    if (out/'model.safetensors').exists(): return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + '.', dir=out.parent))   # same file system: the rename is atomic
+    try:
+        AutoTokenizer.from_pretrained(d, gguf_file=g).save_pretrained(tmp)
+        src = AutoModelForCausalLM.from_pretrained(d, gguf_file=g, dtype=torch.float32)
+        conf = src.config
+        if hasattr(conf, 'quantization_config'): del conf.quantization_config   # GGUF weights arrive dequantised
+        llm = AutoModelForCausalLM.from_config(conf); llm.load_state_dict(src.state_dict())   # a plain model saves
+        llm.save_pretrained(tmp)
+        try: tmp.rename(out)
+        except OSError:                                                   # another process converted it first
+            if not (out/'model.safetensors').exists(): raise
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 def bnb_config(compute_dtype=None):
     "NF4 4-bit with double quantisation; bf16 compute on CUDA, float32 on CPU; `lm_head` not quantised."
@@ -104,14 +132,11 @@ def load_llm(cfg:LLMConfig,          # the `llm` section of a run config
             llm = AutoModelForCausalLM.from_config(conf)
         return (_quantize(llm, dtype) if q4 else llm), tok
     if cfg.kind == 'smollm2':
-        d, g = smollm2_files()
-        tok = tokenizer or AutoTokenizer.from_pretrained(d, gguf_file=g)
-        src = AutoModelForCausalLM.from_pretrained(d, gguf_file=g, dtype=torch.float32)
-        conf = src.config
-        if hasattr(conf, 'quantization_config'): del conf.quantization_config   # GGUF weights arrive dequantised
-        llm = AutoModelForCausalLM.from_config(conf); llm.load_state_dict(src.state_dict()); del src
-        if dtype: llm = llm.to(dtype)
-        return (_quantize(llm, dtype) if q4 else llm), tok
+        d = smollm2_dir()
+        tok = tokenizer or AutoTokenizer.from_pretrained(d)
+        kw = dict(quantization_config=bnb_config()) if q4 else {}
+        llm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype or torch.float32, **kw)
+        return (keep_4bit_trainable(llm) if q4 else llm), tok
     if cfg.kind == 'hf':
         if not cfg.path: raise ConfigError("llm.kind='hf' needs llm.path", field='llm.path', hint='a local folder or a hub id')
         kw = dict(gguf_file=cfg.gguf_file) if cfg.gguf_file else {}
