@@ -935,10 +935,11 @@ def llm_spec(cfg:RunConfig, stage:str) -> StageSpec:
         spec = replace(spec, trains=['llm', 'code_tokens', 'proj_v2t', 'proj_t2v'], title='Instruction tuning (full LLM)')
     if stage in ('4', '5') and cfg.llm.code_pointer: spec = replace(spec, trains=spec.trains + ['code_pointer'])
     if stage in ('4', '5') and cfg.llm.region_readout: spec = replace(spec, trains=spec.trains + ['region_readout'])
-    new = [t for t in spec.trains if t in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')]
-    if bad := [k for k in cfg.train.lr_scales if k not in new and k not in ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')]:
+    new_modules = ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')   # what the lr multipliers apply to
+    if bad := [k for k in cfg.train.lr_scales if k not in new_modules]:
         raise ConfigError(f'train.lr_scales names {bad}, which are not new modules of the LLM stages', field='train.lr_scales',
-                          hint='keys: code_tokens, proj_v2t, proj_t2v, code_pointer, region_readout')
+                          hint='keys: ' + ', '.join(new_modules))
+    new = [t for t in spec.trains if t in new_modules]
     return replace(spec, lr_scale={t: float(cfg.train.lr_scales.get(t, sc)) for t in new})
 
 def attach_lora(model, cfg:RunConfig):
