@@ -13,11 +13,11 @@ from .core import DataError, ConfigError, set_seed, atomic_write_text
 # %% auto #0
 __all__ = ['ARTICLES', 'MASK_TOKEN_SCHEMES', 'PAPER_WAY', 'ABLATIONS', 'seg_metrics', 'answer_scores', 'normalize_text',
            'closed_answer', 'open_recall', 'named_findings', 'diagnosis_recall', 'rle_encode', 'rle_decode',
-           'diagnoses_of', 'score_answer', 'confusion', 'count_table', 'summarize', 'evaluate', 'metrics_table',
-           'report_md', 'stage_costs', 'generation_costs', 'cost_md', 'plot_per_modality', 'plot_confusion',
-           'plot_cases', 'evaluate_run', 'region_figures', 'ClassUNet', 'class_targets', 'unet_loss', 'class_questions',
-           'seg_summary', 'evaluate_unet', 'run_wall_s', 'train_unet', 'load_unet', 'compare_to_unet', 'compare_md',
-           'unet_baseline', 'ablate', 'ablations_md']
+           'diagnoses_of', 'score_answer', 'confusion', 'count_table', 'summarize', 'dice_budget', 'evaluate',
+           'metrics_table', 'budget_md', 'report_md', 'stage_costs', 'generation_costs', 'cost_md', 'plot_per_modality',
+           'plot_confusion', 'plot_cases', 'evaluate_run', 'region_figures', 'ClassUNet', 'class_targets', 'unet_loss',
+           'class_questions', 'seg_summary', 'evaluate_unet', 'run_wall_s', 'train_unet', 'load_unet',
+           'compare_to_unet', 'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
 
 # %% ../nbs/08_eval.ipynb #3adb10ed
 def _as_bool(m, name='mask'):
@@ -203,6 +203,23 @@ def summarize(recs:list, diagnoses=()) -> dict:
                confusion=confusion(recs, diagnoses) if diagnoses else None, lesion_count=count_table(recs))
     return _round(out)
 
+# %% ../nbs/08_eval.ipynb #71c80816
+def dice_budget(recs:list,         # `score_answer` records, in sample order
+                region_recs:list   # `evaluate_regions` records of the same samples (`image` = the sample's index)
+               ) -> dict:
+    "The grounded Dice of the reference regions, overall and per modality: perceiver, quantised, answer matched, answer in order."
+    per = {(r['image'], r['region']): r for r in region_recs}
+    rows = []
+    for i, rec in enumerate(recs):
+        for t in rec.get('targets', []):
+            rr = per.get((i, t['region']), {})
+            rows.append(dict(modality=rec['modality'], perceiver=rr.get('dice_continuous'), quantised=rr.get('dice_quantized'),
+                             answer_matched=t['dice_matched'], answer=t['dice']))
+    keys = ('perceiver', 'quantised', 'answer_matched', 'answer')
+    pool = lambda rs: {**{k: _mean([r[k] for r in rs]) for k in keys}, 'n_regions': len(rs)}
+    return _round(dict(overall=pool(rows), per_modality={m: pool([r for r in rows if r['modality'] == m])
+                                                         for m in sorted({r['modality'] for r in rows}, key=str)}))
+
 # %% ../nbs/08_eval.ipynb #7d9a376b
 @torch.no_grad()
 def evaluate(model,                 # a `MedSightForCausalLM` (eval mode is set)
@@ -244,6 +261,14 @@ def metrics_table(rows:dict, first:str='') -> str:
     for name, m in rows.items(): lines.append('| ' + ' | '.join([str(name)] + [_fmt(m.get(k)) for k, _ in _COLS]) + ' |')
     return '\n'.join(lines)
 
+def budget_md(bd:dict) -> str:
+    "A markdown table of `dice_budget`: rows overall and per modality, with the LLM's share (perceiver − answer matched)."
+    lines = ['| | regions | perceiver | quantised | answer (matched) | answer (in order) | lost to region choice |', '|' + '---|' * 7]
+    for name, b in {'all': bd['overall'], **bd['per_modality']}.items():
+        gap = None if b['perceiver'] is None or b['answer_matched'] is None else b['perceiver'] - b['answer_matched']
+        lines.append(f"| {name} | {b['n_regions']} | " + ' | '.join(_fmt(b[k]) for k in ('perceiver', 'quantised', 'answer_matched', 'answer')) + f' | {_fmt(gap)} |')
+    return '\n'.join(lines)
+
 def report_md(metrics:dict) -> str:
     "The `report.md` text of a `metrics.json` dict."
     me = metrics.get('meta', {})
@@ -260,6 +285,7 @@ def report_md(metrics:dict) -> str:
             f"medsight's answers: Dice {_fmt(ref['dice'])} on {ref['n_regions']} regions."]
     if rg: out += [f"Perceiver on the same regions: continuous queries {_fmt(rg['refer']['dice_continuous'])}, quantised codes "
                    f"{_fmt(rg['refer']['dice_quantized'])}, fixed class query (control) {_fmt(rg['refer']['dice_control'])}."]
+    if rg and rg.get('budget'): out += ['', '## Where the Dice is lost (reference regions)', '', budget_md(rg['budget'])]
     cf = metrics.get('confusion')
     if cf:
         out += ['', '## Diagnosis confusion (one reference diagnosis)', '', '| reference \\ answer | ' + ' | '.join(cf['cols']) + ' |',
@@ -381,7 +407,7 @@ def evaluate_run(run,                   # a run directory with stages 1–5 fini
     proc = MedSightProcessor.from_model(model, max_length=load_config(run/'config.json').llm.max_length)
     recs = evaluate(model, proc, samples, diags, max_new_tokens, batch_size, seed, progress)
     metrics = summarize(recs, diags)
-    if regions: metrics['regions'] = _round(region_figures(run, samples, data_dir))
+    if regions: metrics['regions'] = _round(region_figures(run, samples, data_dir, recs=recs))
     metrics['cost'] = _round(dict(stages=stage_costs(run), generation=generation_costs(recs)))
     metrics['meta'] = dict(run=run.name, data=Path(data_dir).name, fingerprint=info.get('fingerprint'), split=split, n=len(samples),
                            seed=seed, decoding='greedy', max_new_tokens=max_new_tokens)
@@ -402,7 +428,8 @@ def evaluate_run(run,                   # a run directory with stages 1–5 fini
 def region_figures(run,                 # a run with stages 1–2
                    samples:list,        # the decoded samples to score
                    data_dir=None,       # the dataset whose training split gives the fixed-query control (None: no control)
-                   control_samples:int=2000) -> dict: # how many training samples estimate each class's code
+                   control_samples:int=2000, # how many training samples estimate each class's code
+                   recs:list=None) -> dict:  # `score_answer` records of `samples`, in order: adds `budget` (`dice_budget`)
     "The perceiver/codebook side of the same questions: `summarize_regions`, with the fixed-query control on referring regions."
     from medsight.train import load_region_model
     from medsight.region import RegionData, class_code_queries, evaluate_regions, summarize_regions
@@ -416,9 +443,12 @@ def region_figures(run,                 # a run with stages 1–2
         if 'train' in dd:
             tr = dd['train'].select(range(min(control_samples, len(dd['train']))))
             control = class_code_queries(model, RegionData(tr, meta['modalities'], meta['classes'], size))
-    s = summarize_regions(evaluate_regions(model, RegionData(samples, meta['modalities'], meta['classes'], size), control))
+    rr = evaluate_regions(model, RegionData(samples, meta['modalities'], meta['classes'], size), control)
+    s = summarize_regions(rr)
     pm = {k: {kk: vv for kk, vv in v.items() if kk.startswith('dice') or kk == 'n'} for k, v in s['per_modality'].items()}
-    return dict(overall=s['overall'], refer=s['refer'], per_modality=pm, purity=s['purity'])
+    res = dict(overall=s['overall'], refer=s['refer'], per_modality=pm, purity=s['purity'])
+    if recs is not None: res['budget'] = dice_budget(recs, rr)
+    return res
 
 # %% ../nbs/08_eval.ipynb #fa69cb38
 import torch.nn as nn, torch.nn.functional as F
