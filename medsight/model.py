@@ -131,20 +131,16 @@ def load_llm(cfg:LLMConfig,          # the `llm` section of a run config
             torch.manual_seed(seed)
             llm = AutoModelForCausalLM.from_config(conf)
         return (_quantize(llm, dtype) if q4 else llm), tok
-    if cfg.kind == 'smollm2':
-        d = smollm2_dir()
-        tok = tokenizer or AutoTokenizer.from_pretrained(d)
-        kw = dict(quantization_config=bnb_config()) if q4 else {}
-        llm = AutoModelForCausalLM.from_pretrained(d, dtype=dtype or torch.float32, **kw)
-        return (keep_4bit_trainable(llm) if q4 else llm), tok
-    if cfg.kind == 'hf':
+    if cfg.kind == 'smollm2': path, gguf, dtype = smollm2_dir(), None, dtype or torch.float32   # the cached HF folder
+    elif cfg.kind == 'hf':
         if not cfg.path: raise ConfigError("llm.kind='hf' needs llm.path", field='llm.path', hint='a local folder or a hub id')
-        kw = dict(gguf_file=cfg.gguf_file) if cfg.gguf_file else {}
-        tok = tokenizer or AutoTokenizer.from_pretrained(cfg.path, **kw)
-        if q4: kw['quantization_config'] = bnb_config()
-        llm = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype or 'auto', **kw)
-        return (keep_4bit_trainable(llm) if q4 else llm), tok
-    raise ConfigError(f'unknown llm.kind {cfg.kind!r}', field='llm.kind', hint="'tiny', 'smollm2' or 'hf'")
+        path, gguf = cfg.path, cfg.gguf_file
+    else: raise ConfigError(f'unknown llm.kind {cfg.kind!r}', field='llm.kind', hint="'tiny', 'smollm2' or 'hf'")
+    kw = dict(gguf_file=gguf) if gguf else {}
+    tok = tokenizer or AutoTokenizer.from_pretrained(path, **kw)
+    if q4: kw['quantization_config'] = bnb_config()
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or 'auto', **kw)
+    return (keep_4bit_trainable(llm) if q4 else llm), tok
 
 # %% ../nbs/05_model.ipynb #1c14c107
 class MedSightConfig(PretrainedConfig):
