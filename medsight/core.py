@@ -198,6 +198,8 @@ class LLMConfig:
     region_dedup:float|None = None # mark duplicate and empty regions no-object in the evidence and the name pointer: a region overlapping a stronger one of its group (findings together) by more than this share of the smaller mask (ours; None: off)
     region_readout:bool = False    # add to each text state what the image holds: per class, the region tokens' summed class probabilities, all and not yet named, through a small MLP, so words such as yes/no and numbers can read the image directly (ours; needs llm.name_pointer)
     pointer_features:bool = False  # the code pointer's keys also read each region's evidence (classes, centre, size, peak), and a learned term for regions already named in the answer (ours; needs code_pointer)
+    pointer_intent:bool = False    # the code pointer also guesses, from the state, which class the next code names, trained on the target region's classes, and scores each region by log(α + Σ_c q(c|h) p(c|region)) (ours; needs code_pointer)
+    intent_weight:float = 1.0      # weight of that guess's cross-entropy in the loss (stages 4–5)
     region_tokens:bool = True    # the LLM sees the perceiver's region tokens after the patch tokens (False: patch tokens only; an ablation)
 
 @dataclass
@@ -290,7 +292,8 @@ def _paper_vision(): return VisionConfig(kind='clip', path='openai/clip-vit-larg
                                          mean=(0.4815, 0.4578, 0.4082), std=(0.2686, 0.2613, 0.2758))
 PRESETS = {
     'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(image_skip=True, full_res=True, mask_class=True, refine_classes=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
-                       llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True),
+                       llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True,
+                                     pointer_intent=True),
                        train=TrainConfig(steps={'1': 450, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
     'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True,

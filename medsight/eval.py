@@ -633,7 +633,7 @@ def unet_baseline(data_dir,             # the grounded dataset
 
 # %% ../nbs/08_eval.ipynb #941f5635
 PAPER_WAY = {'llm.code_pointer': False, 'llm.region_evidence': False, 'llm.code_residual': False, 'llm.name_pointer': False,
-             'llm.pointer_features': False, 'llm.region_readout': False}
+             'llm.pointer_features': False, 'llm.region_readout': False, 'llm.pointer_intent': False}
 ABLATIONS = {
     'paper':            {},
     'no_region_tokens': {'llm.region_tokens': False},
@@ -642,7 +642,7 @@ ABLATIONS = {
     'codes_8':          {'codebook.codes_per_modality': 8},
     'codes_128':        {'codebook.codes_per_modality': 128},
     'ours':             {'llm.code_pointer': True, 'llm.region_evidence': True, 'llm.code_residual': True, 'llm.name_pointer': True,
-                         'llm.pointer_features': True, 'llm.region_readout': True},
+                         'llm.pointer_features': True, 'llm.region_readout': True, 'llm.pointer_intent': True},
 }
 
 def _copy_stage(src:Path, dst:Path, stage:str):

@@ -238,20 +238,30 @@ def distinct_regions(class_logits:torch.Tensor, # (B, N, C+1) the perceiver's cl
 class CodePointer(nn.Module):
     "Scores the image's region tokens as the referent of the next code token: states (…, H) · keys (…, N, P) → (…, N)."
     def __init__(self, hidden:int, dim:int=128,
-                 n_evidence:int=0):  # width of the region evidence the keys also read, with a revisit term (`llm.pointer_features`; 0: neither)
+                 n_evidence:int=0,   # width of the region evidence the keys also read, with a revisit term (`llm.pointer_features`; 0: neither)
+                 n_classes:int=0,    # classes the intent head guesses among (`llm.pointer_intent`; 0: no intent head)
+                 floor:float=0.1):   # α of the intent term log(α + Σ_c q(c|h) p(c|region))
         super().__init__()
         self.q, self.k, self.scale = nn.Linear(hidden, dim), nn.Linear(hidden, dim), dim ** -0.5
         self.feat = nn.Linear(n_evidence, dim) if n_evidence else None       # what the region is, straight into its key
         self.revisit = nn.Linear(hidden, 1) if n_evidence else None          # the state decides what an already named region is worth
+        self.intent, self.floor = (nn.Linear(hidden, n_classes) if n_classes else None), floor   # which class the next code names
+        if self.intent is not None: nn.init.zeros_(self.intent.weight); nn.init.zeros_(self.intent.bias)   # starts uniform
     def keys(self, h_regions, evidence=None):                                # (B, N, H), (B, N, E) → (B, N, P)
         k = self.k(h_regions)
         return k if self.feat is None or evidence is None else k + self.feat(evidence.to(k.dtype))
-    def forward(self, h, keys, visited=None):  # visited: 1 where a region was already named, shaped like the scores (None: ignored)
+    def forward(self, h, keys, visited=None,  # visited: 1 where a region was already named, shaped like the scores (None: ignored)
+                cls=None):                     # (B, N, C) or (S, N, C) the regions' class probabilities, for the intent term (None: ignored)
         q = self.q(h) * self.scale                                           # (…, P)
         if keys.dim() == q.dim(): s = q @ keys.transpose(-1, -2)            # (B, T, P) · (B, N, P) → (B, T, N)
         else: s = (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)    # (S, P) · (S, N, P) → (S, N)
         if visited is not None and self.revisit is not None: s = s + self.revisit(h) * visited.to(s.dtype)
+        if cls is not None and self.intent is not None: s = s + self.intent_term(h, cls).to(s.dtype)
         return s
+    def intent_term(self, h, cls):  # log(α + Σ_c q(c|h) p(c|region j)): (…, N)
+        q, cls = self.intent(h).float().softmax(-1), cls.float()            # (…, C)
+        m = q @ cls.transpose(-1, -2) if q.dim() == cls.dim() else (cls @ q.unsqueeze(-1)).squeeze(-1)   # (B, T, N) or (S, N)
+        return (self.floor + m).log()
 
 @dataclass
 class PointerContext:
@@ -290,10 +300,11 @@ class RegionReadout(nn.Module):
 @dataclass
 class MedSightOutput:
     "What `MedSightForCausalLM.forward` returns."
-    loss:torch.Tensor = None          # lm_loss + mask_weight · (dice_loss + bce_loss)
+    loss:torch.Tensor = None          # lm_loss + mask_weight · (dice_loss + bce_loss) [+ intent_weight · intent_loss]
     lm_loss:torch.Tensor = None       # next-token cross-entropy on labelled positions
     dice_loss:torch.Tensor = None     # mean soft Dice loss of the masks decoded at code tokens
     bce_loss:torch.Tensor = None      # mean BCE of the same masks
+    intent_loss:torch.Tensor = None   # `llm.pointer_intent`: cross-entropy of the pointer's class guess at supervised code tokens
     logits:torch.Tensor = None        # (B, T, V) when asked for (by default only without labels)
     mask_logits:list = None           # per sample: (R_b, h, w) masks decoded at its supervised code tokens
     hidden_states:torch.Tensor = None # (B, T, H) the LLM's last hidden states
@@ -328,7 +339,11 @@ class MedSightForCausalLM(PreTrainedModel):
         if cfg.llm.pointer_features and not cfg.llm.code_pointer:
             raise ConfigError('pointer features are read by the code pointer', field='llm.pointer_features', hint='set llm.code_pointer=true too, or llm.pointer_features=false')
         self.n_evidence = len(config.classes) + 5                   # `region_evidence`: C + 1 class probabilities, centre x, y, √area, peak
-        self.code_pointer = CodePointer(H, cfg.llm.pointer_dim, self.n_evidence if cfg.llm.pointer_features else 0) if cfg.llm.code_pointer else None
+        if cfg.llm.pointer_intent and not cfg.llm.code_pointer:
+            raise ConfigError('the pointer intent is a term of the code pointer', field='llm.pointer_intent', hint='set llm.code_pointer=true too, or llm.pointer_intent=false')
+        self.code_pointer = CodePointer(H, cfg.llm.pointer_dim, self.n_evidence if cfg.llm.pointer_features else 0,
+                                        len(config.classes) if cfg.llm.pointer_intent else 0, cfg.llm.name_floor) if cfg.llm.code_pointer else None
+        self.intent_weight = cfg.llm.intent_weight
         self.region_head = rm.region_head                           # `perceiver.refine_classes`: trained in stage 2, frozen here
         self.region_tokens, self.name_floor = cfg.llm.region_tokens, cfg.llm.name_floor
         if cfg.llm.name_pointer and not cfg.llm.code_pointer:
@@ -342,7 +357,7 @@ class MedSightForCausalLM(PreTrainedModel):
         self.register_buffer('findings', torch.tensor([c in fnd for c in config.classes], dtype=torch.bool), persistent=False)
         if not self.region_tokens and (cfg.llm.code_pointer or cfg.llm.region_evidence):
             raise ConfigError('the code pointer and region evidence work on region tokens', field='llm.region_tokens',
-                              hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false,llm.pointer_features=false,llm.region_readout=false')
+                              hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false,llm.pointer_features=false,llm.region_readout=false,llm.pointer_intent=false')
 
 # %% ../nbs/05_model.ipynb #f5b32c8a
 @patch(as_prop=True)
@@ -460,7 +475,7 @@ def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) ->
     base = self._base_lm().get_output_embeddings()(hw)[..., :self.config.first_new_id]   # (…, V0) words: with the region counts
     new = h @ self.code_tokens.out_rows()[1:].to(h.dtype).T                             # (…, M·K)
     if ptr is not None and ptr.keys is not None:
-        p = self.code_pointer(h, ptr.keys, ptr.visited).float().softmax(-1)              # (…, N) where the pointer points
+        p = self.code_pointer(h, ptr.keys, ptr.visited, ptr.cls).float().softmax(-1)     # (…, N) where the pointer points
         new = new + self.pointer_logprobs(h, ptr, p=p).to(new.dtype)
         if ptr.cls is not None and len(self.name_ids): base = base + self.name_bias(p, ptr).to(base.dtype)
     return torch.cat([base, torch.full_like(new[..., :1], torch.finfo(new.dtype).min), new], -1)
@@ -468,7 +483,7 @@ def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) ->
 @patch
 def pointer_logprobs(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext, eps:float=1e-6, p=None) -> torch.Tensor:
     "log p(code) of pointing at the region tokens: softmax over the N regions, summed per code; codes of no region get log ε."
-    if p is None: p = self.code_pointer(h, ptr.keys, ptr.visited).float().softmax(-1)   # (…, N)
+    if p is None: p = self.code_pointer(h, ptr.keys, ptr.visited, ptr.cls).float().softmax(-1)   # (…, N)
     codes = ptr.codes if p.dim() == ptr.codes.dim() else ptr.codes[:, None].expand_as(p)
     pc = p.new_zeros(*p.shape[:-1], self.codebook.M * self.codebook.K).scatter_add_(-1, codes, p)   # (…, M·K)
     return (pc + eps).log()
@@ -481,6 +496,21 @@ def name_bias(self:MedSightForCausalLM, p:torch.Tensor, ptr:PointerContext) -> t
     ok = self.name_ids >= 0
     bias = p.new_zeros(*p.shape[:-1], self.config.first_new_id)
     return bias.index_add(-1, self.name_ids[ok], (self.name_floor + pc[..., ok]).log())
+
+@patch
+def intent_loss(self:MedSightForCausalLM,
+                h:torch.Tensor,       # (S, H) states at the selected positions
+                tgt:torch.Tensor,     # (S,) their labels
+                pt:PointerContext     # their context (`ptr.take`), with `cls`
+               ) -> torch.Tensor:     # scalar; 0 (with a graph) when no label is a code of the image's regions
+    "Pointer intent: −Σ_c y_c log q(c | h) at the states that predict a code, y the classes of the regions holding that code."
+    c = self.is_code(tgt)
+    hit = (pt.codes[c] == (tgt[c] - self.code_start)[:, None]).float()        # (R, N) the target code's regions
+    y = (hit[..., None] * pt.cls[c].float()).sum(1)                            # (R, C) their class probabilities, summed
+    ok = y.sum(-1) > 0.5                                                        # a region with that code, and a class
+    if not ok.any(): return self.code_pointer.intent(h[:0]).sum() * 0
+    y = y[ok] / y[ok].sum(-1, keepdim=True)
+    return -(y * F.log_softmax(self.code_pointer.intent(h[c][ok]).float(), -1)).sum(-1).mean()
 
 # %% ../nbs/05_model.ipynb #dda948eb
 @patch
@@ -531,7 +561,7 @@ def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:
             m, _, _ = self.codebook.resolve_modality(modality, cls, B)                     # (B,) bank
             k = self.codebook.encode(pout.queries, m)                                      # (B, N) code in bank (m is resolved)
         ptr = PointerContext(pos, (m.to(k.device)[:, None] * K + k).to(emb.device))
-        if len(self.name_ids): ptr.cls = class_probs(region_class_logits(pout).detach(), self.distinct(pout))[..., :-1].to(emb.device)   # (B, N, C)
+        if len(self.name_ids) or getattr(self.code_pointer, 'intent', None) is not None: ptr.cls = class_probs(region_class_logits(pout).detach(), self.distinct(pout))[..., :-1].to(emb.device)   # (B, N, C)
         if self.code_pointer is not None and self.code_pointer.feat is not None: ptr.feats = self.evidence(pout).to(emb.device)     # (B, N, C+5)
     return emb.masked_scatter(is_img[..., None], vis.to(emb.dtype)), pout, ptr
 
@@ -690,9 +720,13 @@ def forward(self:MedSightForCausalLM,
     rows = sel.nonzero()[:, 0]                                                 # batch row of each selected position
     pt = None if ptr is None else ptr.take(rows)
     if pt is not None and ptr.visited is not None: pt.visited = ptr.visited[:, :-1][sel]   # (S, N)
-    lg = self.logits(h[:, :-1][sel], pt)                                       # (S, V)
+    hs = h[:, :-1][sel]                                                        # (S, H) states that predict a label
+    lg = self.logits(hs, pt)                                                   # (S, V)
     res.lm_loss = F.cross_entropy(lg.float(), tgt[sel]) if sel.any() else h.sum() * 0
     res.loss = res.lm_loss
+    if pt is not None and pt.cls is not None and self.code_pointer.intent is not None:
+        res.intent_loss = self.intent_loss(hs, tgt[sel], pt)
+        res.loss = res.loss + self.intent_weight * res.intent_loss
     is_code = self.is_code(input_ids) & (labels != -100)                       # (B, T)
     counts = is_code.sum(1).tolist(); res.n_codes = sum(counts)
     if region_masks is None or not res.n_codes: return res

@@ -935,6 +935,7 @@ def llm_spec(cfg:RunConfig, stage:str) -> StageSpec:
         spec = replace(spec, trains=['llm', 'code_tokens', 'proj_v2t', 'proj_t2v'], title='Instruction tuning (full LLM)')
     if stage in ('4', '5') and cfg.llm.code_pointer: spec = replace(spec, trains=spec.trains + ['code_pointer'])
     if stage in ('4', '5') and cfg.llm.region_readout: spec = replace(spec, trains=spec.trains + ['region_readout'])
+    if stage in ('4', '5') and cfg.llm.pointer_intent: spec = replace(spec, losses=spec.losses + ['intent'])
     new_modules = ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')   # what the lr multipliers apply to
     if bad := [k for k in cfg.train.lr_scales if k not in new_modules]:
         raise ConfigError(f'train.lr_scales names {bad}, which are not new modules of the LLM stages', field='train.lr_scales',
@@ -1041,8 +1042,11 @@ def llm_loss(model, batch:dict) -> dict:
     "LM + λ(Dice + BCE) through `MedSightForCausalLM.forward`; parts for logging (Dice/BCE 0 without codes)."
     out = model(**{k: batch[k] for k in _KEYS if k in batch})             # `modality` is optional (None: predicted)
     z = out.loss.new_zeros(())
-    return dict(loss=out.loss, lm=out.lm_loss, dice=out.dice_loss if out.dice_loss is not None else z,
-                bce=out.bce_loss if out.bce_loss is not None else z)
+    parts = dict(loss=out.loss, lm=out.lm_loss, dice=out.dice_loss if out.dice_loss is not None else z,
+                 bce=out.bce_loss if out.bce_loss is not None else z)
+    if getattr(model.code_pointer, 'intent', None) is not None:                # `llm.pointer_intent`: its own curve
+        parts['intent'] = out.intent_loss if out.intent_loss is not None else z
+    return parts
 
 def _named(text:str, vocab:list) -> set:
     t = text.lower()
