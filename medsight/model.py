@@ -304,7 +304,7 @@ class MedSightOutput:
     lm_loss:torch.Tensor = None       # next-token cross-entropy on labelled positions
     dice_loss:torch.Tensor = None     # mean soft Dice loss of the masks decoded at code tokens
     bce_loss:torch.Tensor = None      # mean BCE of the same masks
-    intent_loss:torch.Tensor = None   # `llm.pointer_intent`: cross-entropy of the pointer's class guess at supervised code tokens
+    intent_loss:torch.Tensor = None   # `llm.pointer_intent`: cross-entropy of the pointer's class guess at supervised code tokens (while the head trains)
     logits:torch.Tensor = None        # (B, T, V) when asked for (by default only without labels)
     mask_logits:list = None           # per sample: (R_b, h, w) masks decoded at its supervised code tokens
     hidden_states:torch.Tensor = None # (B, T, H) the LLM's last hidden states
@@ -724,7 +724,7 @@ def forward(self:MedSightForCausalLM,
     lg = self.logits(hs, pt)                                                   # (S, V)
     res.lm_loss = F.cross_entropy(lg.float(), tgt[sel]) if sel.any() else h.sum() * 0
     res.loss = res.lm_loss
-    if pt is not None and pt.cls is not None and self.code_pointer.intent is not None:
+    if pt is not None and pt.cls is not None and self.code_pointer.intent is not None and self.code_pointer.intent.weight.requires_grad:   # stages 4–5
         res.intent_loss = self.intent_loss(hs, tgt[sel], pt)
         res.loss = res.loss + self.intent_weight * res.intent_loss
     is_code = self.is_code(input_ids) & (labels != -100)                       # (B, T)
