@@ -583,6 +583,12 @@ def tracks_coverage(self:MedSightForCausalLM) -> bool:
     "Does anything read `coverage` (the region readout, or the pointer's revisit term)?"
     return self.region_readout is not None or (self.code_pointer is not None and self.code_pointer.revisit is not None)
 
+@patch(as_prop=True)
+def trains_intent(self:MedSightForCausalLM) -> bool:
+    "Does the pointer intent's cross-entropy count: the head exists and trains (stages 4–5; frozen at zero it is a constant)?"
+    head = getattr(self.code_pointer, 'intent', None)
+    return head is not None and head.weight.requires_grad
+
 @patch
 def run_backbone(self:MedSightForCausalLM, emb, attention_mask=None, position_ids=None, cache=None, use_cache:bool=False):
     "The LLM's decoder on `inputs_embeds`: `(last hidden states (B, T, H), cache or None)`."
@@ -724,7 +730,7 @@ def forward(self:MedSightForCausalLM,
     lg = self.logits(hs, pt)                                                   # (S, V)
     res.lm_loss = F.cross_entropy(lg.float(), tgt[sel]) if sel.any() else h.sum() * 0
     res.loss = res.lm_loss
-    if pt is not None and pt.cls is not None and self.code_pointer.intent is not None and self.code_pointer.intent.weight.requires_grad:   # stages 4–5
+    if pt is not None and pt.cls is not None and self.trains_intent:
         res.intent_loss = self.intent_loss(hs, tgt[sel], pt)
         res.loss = res.loss + self.intent_weight * res.intent_loss
     is_code = self.is_code(input_ids) & (labels != -100)                       # (B, T)

@@ -1044,7 +1044,7 @@ def llm_loss(model, batch:dict) -> dict:
     z = out.loss.new_zeros(())
     parts = dict(loss=out.loss, lm=out.lm_loss, dice=out.dice_loss if out.dice_loss is not None else z,
                  bce=out.bce_loss if out.bce_loss is not None else z)
-    if getattr(model.code_pointer, 'intent', None) is not None and model.code_pointer.intent.weight.requires_grad:   # `llm.pointer_intent`, stages 4–5: its own curve
+    if model.trains_intent:                                                 # `llm.pointer_intent`, stages 4–5: its own curve
         parts['intent'] = out.intent_loss if out.intent_loss is not None else z
     return parts
 
