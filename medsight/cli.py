@@ -343,7 +343,8 @@ def demo(out:str='medsight_demo',   # output directory (re-running resumes)
     over = {'seed': seed, 'train.steps': steps, 'train.val_samples': 16, **({'train.batch_size': 8, 'train.val_samples': 4, 'train.max_new_tokens': 8} if fast else {})}
     cfg = get_preset('tiny', over)
     if fast: n, eval_n = min(n, 60), min(eval_n, 8)
-    data, built = _prepare_demo(out, dict(n=n, seed=seed, size=64, steps=steps, eval_n=eval_n, fast=fast), quiet)
+    config = json.loads(json.dumps(cfg.to_dict()))                          # as the state file holds it: a preset that changed starts over
+    data, built = _prepare_demo(out, dict(n=n, seed=seed, size=64, steps=steps, eval_n=eval_n, fast=fast, config=config), quiet)
     tfile = out/'timings.json'                                 # a re-run keeps the times of the parts it keeps
     old = json.loads(tfile.read_text()) if tfile.exists() else {}
     kept = {'data': not built}

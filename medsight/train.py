@@ -17,14 +17,15 @@ from .core import (MedSightError, ConfigError, CheckpointError, RunConfig,
 from .codebook import code_token
 
 # %% auto #0
-__all__ = ['STAGES', 'SIGNATURE', 'PICKLE_SUFFIXES', 'STAGE_NAMES', 'ARCHS', 'StageSpec', 'apply_freeze', 'set_train_mode',
-           'param_groups', 'lr_factor', 'make_scheduler', 'to_device', 'batch_len', 'model_tensors', 'model_signature',
-           'check_signature', 'save_checkpoint', 'verify_checkpoint', 'checkpoint_dirs', 'find_checkpoint',
-           'load_weights', 'load_checkpoint', 'init_distributed', 'TrainError', 'Trainer', 'read_metrics',
-           'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches', 'load_region_data',
-           'stage1_skip', 'load_region_model', 'region_spec', 'region_val', 'train_region_stage', 'write_code_labels',
-           'codebook_report', 'llm_spec', 'attach_lora', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss',
-           'llm_val', 'vision_cache', 'train_llm_stage', 'parse_stages', 'train_run', 'random_llm', 'bench']
+__all__ = ['STAGES', 'SIGNATURE', 'PICKLE_SUFFIXES', 'STAGE1_FREE', 'STAGE_NAMES', 'ARCHS', 'StageSpec', 'apply_freeze',
+           'set_train_mode', 'param_groups', 'lr_factor', 'make_scheduler', 'to_device', 'batch_len', 'model_tensors',
+           'model_signature', 'check_signature', 'save_checkpoint', 'verify_checkpoint', 'checkpoint_dirs',
+           'find_checkpoint', 'load_weights', 'load_checkpoint', 'init_distributed', 'TrainError', 'Trainer',
+           'read_metrics', 'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches',
+           'load_region_data', 'stage1_skip', 'stage1_conflicts', 'check_stage1', 'load_region_model', 'region_spec',
+           'region_val', 'train_region_stage', 'write_code_labels', 'codebook_report', 'llm_spec', 'attach_lora',
+           'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss', 'llm_val', 'vision_cache', 'train_llm_stage',
+           'parse_stages', 'train_run', 'random_llm', 'bench']
 
 # %% ../nbs/07_train.ipynb #53d0a168
 @dataclass
@@ -795,6 +796,28 @@ def stage1_skip(run, cfg:RunConfig) -> tuple:
     K1 = json.loads(p.read_text()).get('codebook', {}).get('codes_per_modality') if p.exists() else None
     return ('codebook.',) if K1 not in (None, cfg.codebook.codes_per_modality) else ()
 
+STAGE1_FREE = ('vision.freeze', 'perceiver.no_object_weight', 'perceiver.refine_classes', 'perceiver.refine_batch', 'perceiver.mask_size')
+
+def stage1_conflicts(run, cfg:RunConfig) -> list:
+    "The encoder and perceiver settings (those that shape stage 1's weights) on which `cfg` differs from a run's finished stage 1: `[(key, run's, cfg's)]`."
+    p = Path(run)/'stage1'/'config.json'
+    if not is_done(Path(run)/'stage1') or not p.exists(): return []
+    saved, now, out = json.loads(p.read_text()), cfg.to_dict(), []
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    for sec in ('vision', 'perceiver'):
+        default = type(getattr(cfg, sec))()                                    # a key the run's config predates has its default
+        for k, v in now[sec].items():
+            old = saved.get(sec, {}).get(k, getattr(default, k))
+            if f'{sec}.{k}' not in STAGE1_FREE and norm(old) != norm(v): out.append((f'{sec}.{k}', old, v))
+    return out
+
+def check_stage1(run, cfg:RunConfig):
+    "Raise a `ConfigError` (before anything is written) if `cfg` would build another encoder or perceiver than the run's finished stage 1."
+    if bad := stage1_conflicts(run, cfg):
+        raise ConfigError("this run's stage 1 was trained with " + ', '.join(f'{k}={o!r}' for k, o, _ in bad) + '; the config asks for ' +
+                          ', '.join(f'{k}={n!r}' for k, _, n in bad), path=Path(run)/'stage1'/'config.json', field=bad[0][0],
+                          hint=f'go on with the run\'s own settings (--config {Path(run)/"stage1"/"config.json"}, then --set what should change), or train a new --out')
+
 def load_region_model(run, cfg:RunConfig=None):
     "The region model of a run, with the weights of every finished stage of 1 and 2 loaded."
     from medsight.core import load_config
@@ -842,6 +865,7 @@ def train_region_stage(cfg:RunConfig,      # the run config (`train.steps['1']`,
     from medsight.region import RegionModel, stage1_loss, stage2_loss
     stage, run = str(stage), Path(run)
     if stage not in ('1', '2'): raise ConfigError(f'region stages are 1 and 2, not {stage!r}', field='stage')
+    check_stage1(run, cfg)                                                  # before the run's config.json is rewritten
     info, classes, data = datasets or load_region_data(data_dir, cfg.vision.image_size)
     run.mkdir(parents=True, exist_ok=True)
     _region_meta(run, info, classes, cfg); save_config(cfg, run/'config.json')
@@ -1122,6 +1146,7 @@ def train_llm_stage(cfg:RunConfig,      # the run config
     args = {**train_args(cfg, stage), **kwargs}
     if merged: args['steps'] = sum(int(cfg.train.steps.get(s, 0)) for s in ('3', '4', '5'))
     if is_done(run/f'stage{stage}', args['steps']): return json.loads((run/f'stage{stage}'/'metrics.json').read_text())
+    check_stage1(run, cfg)
     set_seed(cfg.seed)
     model = model or load_llm_model(run, cfg, upto=stage)
     if stage == '5': attach_lora(model, cfg)
