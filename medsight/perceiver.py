@@ -67,7 +67,8 @@ def mlp(dim:int, hidden:int, out:int=None) -> nn.Sequential:
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out or dim))
 
 def up_block(dim:int,
-             separable:bool=False): # the 3×3 conv as depthwise 3×3 then pointwise 1×1 (about 1/8 of the multiply-adds at D = 128)
+             separable:bool=False # the 3×3 conv as depthwise 3×3 then pointwise 1×1 (about 1/8 of the multiply-adds at D = 128)
+            ) -> nn.Sequential:
     "×2 bilinear upsampling, then 3×3 conv, GroupNorm, GELU: (B, D, H, W) → (B, D, 2H, 2W)."
     conv = (nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False), nn.Conv2d(dim, dim, 1, bias=False)) if separable
             else nn.Conv2d(dim, dim, 3, padding=1, bias=False))

@@ -790,19 +790,22 @@ def _region_meta(run, info, classes, cfg):
     return meta
 
 # %% ../nbs/07_train.ipynb #3205452c
+def _stage1_config(run) -> dict:
+    "The config stage 1 of a run was trained with (`RUN/stage1/config.json`), or {} if it has none."
+    p = Path(run)/'stage1'/'config.json'
+    return json.loads(p.read_text()) if p.exists() else {}
+
 def stage1_skip(run, cfg:RunConfig) -> tuple:
     "What not to load from stage 1: its (untrained) codebook when this config's codebook has another size (the codebook-size ablation)."
-    p = Path(run)/'stage1'/'config.json'
-    K1 = json.loads(p.read_text()).get('codebook', {}).get('codes_per_modality') if p.exists() else None
+    K1 = _stage1_config(run).get('codebook', {}).get('codes_per_modality')
     return ('codebook.',) if K1 not in (None, cfg.codebook.codes_per_modality) else ()
 
 STAGE1_FREE = ('vision.freeze', 'perceiver.no_object_weight', 'perceiver.refine_classes', 'perceiver.refine_batch', 'perceiver.mask_size')
 
 def stage1_conflicts(run, cfg:RunConfig) -> list:
     "The encoder and perceiver settings (those that shape stage 1's weights) on which `cfg` differs from a run's finished stage 1: `[(key, run's, cfg's)]`."
-    p = Path(run)/'stage1'/'config.json'
-    if not is_done(Path(run)/'stage1') or not p.exists(): return []
-    saved, now, out = json.loads(p.read_text()), cfg.to_dict(), []
+    if not is_done(Path(run)/'stage1') or not (saved := _stage1_config(run)): return []
+    now, out = cfg.to_dict(), []
     norm = lambda v: list(v) if isinstance(v, tuple) else v
     for sec in ('vision', 'perceiver'):
         default = type(getattr(cfg, sec))()                                    # a key the run's config predates has its default
