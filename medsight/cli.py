@@ -204,7 +204,7 @@ def eval_cmd(run:str=None,             # a run with stages 1–5 finished
     run = _need(run, '--run')
     out = Path(out) if out else Path(run)/f'eval_{split}'
     m = evaluate_run(run, _need(data, '--data'), split, out, n, max_new_tokens, batch_size, seed, regions=not no_regions, progress=not quiet)
-    keys = ('dice', 'dice_matched', 'dice_union', 'diagnosis_recall', 'closed_acc', 'open_recall', 'n')
+    keys = ('dice', 'dice_ordered', 'dice_matched', 'dice_union', 'diagnosis_recall', 'closed_acc', 'open_recall', 'n')
     print(json.dumps({k: m['overall'][k] for k in keys}))
     print(f'[eval] wrote {out}/metrics.json, report.md, predictions.jsonl and figures/', file=sys.stderr)
 
@@ -418,8 +418,8 @@ def _demo_report(out, info, stages, rep, metrics, preds, cfg, seed, secs, total,
              ' '.join(f'![stage {s} loss](run/stage{s}/loss.png)' for s in stages), '',
              '## The mask tokenizer (test split)', '', tok,
              '## Grounded answers (test split)', '',
-             f"{metrics['meta']['n']} questions, greedy decoding; Dice is per reference region in answer order, "
-             "a missing region counting 0 (chapter 08 states every rule).", '', ev, '',
+             f"{metrics['meta']['n']} questions, greedy decoding; Dice is per reference region, against the answer region "
+             "its words name (in order and matched beside it), a missing region counting 0 (chapter 08 states every rule).", '', ev, '',
              *[f'![{f}](eval/figures/{f})' for f in figs], '',
              *(['### What the answers cost', '', cost_md(metrics['cost']['stages'], metrics['cost']['generation']), ''] if metrics.get('cost') else []),
              '## Answers on test images', '', *_answer_rows(test, 'predict/test'), '',

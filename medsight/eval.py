@@ -47,23 +47,22 @@ def seg_metrics(pred,             # H×W predicted mask (bool, numpy or torch)
 # %% ../nbs/08_eval.ipynb #a922e14c
 def answer_scores(preds:list,        # the answer's masks, in the order the answer gives them (H×W each)
                   targets:list,      # the reference masks, in the reference answer's order
-                  spacing=None) -> dict:
-    "Per reference region its metrics by order and matched, plus the union-vs-union metrics of the whole answer."
-    from scipy.optimize import linear_sum_assignment
+                  spacing=None,
+                  allowed=None) -> dict: # (targets, predictions) bool from `name_allowed`; None: names unknown (named = matched)
+    "Per reference region its metrics named, by order and matched, plus the union-vs-union metrics of the whole answer."
+    from medsight.processor import pair_regions
     if not len(targets): raise DataError('an answer is scored against at least one reference mask', field='targets')
     T = [_as_bool(t, 'target') for t in targets]
     P = [_as_bool(p, 'prediction') for p in preds]
     empty = np.zeros_like(T[0])
     pair = [[seg_metrics(p, t, spacing) for p in P] for t in T]                 # (targets, predictions)
     miss = seg_metrics(empty, T[0]) | dict(dice=0.0, iou=0.0, hd95=None)
-    ordered = [pair[j][j] if j < len(P) else miss for j in range(len(T))]
-    matched = [miss] * len(T)
-    if P:
-        d = np.array([[m['dice'] for m in row] for row in pair])                # (T, P)
-        ti, pi = linear_sum_assignment(-d)
-        for j, k in zip(ti, pi): matched[j] = pair[j][k]
+    d = np.array([[m['dice'] for m in row] for row in pair]).reshape(len(T), len(P))   # (T, P)
+    pick = lambda ks: [pair[j][k] if k is not None else miss for j, k in enumerate(ks)]
+    ordered, matched = pick(pair_regions(d)), pick(pair_regions(d, match=True))
+    named = matched if allowed is None else pick(pair_regions(d, allowed=np.asarray(allowed, bool)))
     union = seg_metrics(np.any(P, 0) if P else empty, np.any(T, 0), spacing)
-    return dict(ordered=ordered, matched=matched, union=union)
+    return dict(named=named, ordered=ordered, matched=matched, union=union)
 
 # %% ../nbs/08_eval.ipynb #3a55fa20
 ARTICLES = ('a', 'an', 'the')
@@ -123,8 +122,10 @@ def diagnoses_of(sample:dict, vocab) -> set:
 def score_answer(sample:dict,          # a decoded grounded sample (image, regions, conversations, task, answer)
                  answer,               # its `GroundedAnswer`
                  diagnoses=(),         # the dataset's diagnosis vocabulary
-                 spacing=None) -> dict:
+                 spacing=None,
+                 names=()) -> dict:    # region names and labels of the dataset, for the named pairing
     "One prediction record: the texts, codes, RLE masks, and every score that applies to this question."
+    from medsight.processor import name_allowed
     order, ref = _ref_order(sample)
     short = str(sample.get('answer') or '').strip().lower()
     rec = dict(id=sample.get('id'), task=sample.get('task') or 'other', modality=sample.get('modality'),
@@ -136,10 +137,11 @@ def score_answer(sample:dict,          # a decoded grounded sample (image, regio
         if j >= len(sample['regions']): raise DataError(f'the reference names <region:{j}> but the sample has {len(sample["regions"])} regions',
                                                         row=sample.get('id'), field='conversations')
     if order:
-        s = answer_scores([r.mask for r in answer.regions], [sample['regions'][j]['mask'] for j in order], spacing)
-        rec['targets'] = [dict(region=j, name=sample['regions'][j]['name'], label=sample['regions'][j].get('label'),
-                               **{k: v for k, v in o.items()}, dice_matched=mt['dice'])
-                          for j, o, mt in zip(order, s['ordered'], s['matched'])]
+        regs = [sample['regions'][j] for j in order]
+        ok = name_allowed(ref, answer.text, regs, len(answer.regions), set(names) | set(diagnoses))
+        s = answer_scores([r.mask for r in answer.regions], [r['mask'] for r in regs], spacing, allowed=ok)
+        rec['targets'] = [dict(region=j, name=r['name'], label=r.get('label'), **nm, dice_ordered=o['dice'], dice_matched=mt['dice'])
+                          for j, r, nm, o, mt in zip(order, regs, s['named'], s['ordered'], s['matched'])]
         rec['dice_union'] = s['union']['dice']
     if short in ('yes', 'no'): rec['closed_correct'] = closed_answer(answer.text) == short
     else: rec['open_recall'] = open_recall(answer.text, ref)
@@ -159,7 +161,7 @@ def _pool(recs:list) -> dict:
     tg = [t for r in recs for t in r.get('targets', [])]
     hd = [t['hd95'] for t in tg]
     return dict(dice=_mean([t['dice'] for t in tg]), iou=_mean([t['iou'] for t in tg]), hd95=_mean(hd),
-                dice_matched=_mean([t['dice_matched'] for t in tg]), dice_union=_mean([r.get('dice_union') for r in recs]),
+                dice_ordered=_mean([t['dice_ordered'] for t in tg]), dice_matched=_mean([t['dice_matched'] for t in tg]), dice_union=_mean([r.get('dice_union') for r in recs]),
                 diagnosis_recall=_mean([r.get('diagnosis_recall') for r in recs]),
                 diagnosis_acc=_mean([r.get('diagnosis_correct') for r in recs]),
                 closed_acc=_mean([r.get('closed_correct') for r in recs]), open_recall=_mean([r.get('open_recall') for r in recs]),
@@ -207,15 +209,15 @@ def summarize(recs:list, diagnoses=()) -> dict:
 def dice_budget(recs:list,         # `score_answer` records, in sample order
                 region_recs:list   # `evaluate_regions` records of the same samples (`image` = the sample's index)
                ) -> dict:
-    "The grounded Dice of the reference regions, overall and per modality: perceiver, quantised, answer matched, answer in order."
+    "The grounded Dice of the reference regions, overall and per modality: perceiver, quantised, answer matched, named and in order."
     per = {(r['image'], r['region']): r for r in region_recs}
     rows = []
     for i, rec in enumerate(recs):
         for t in rec.get('targets', []):
             rr = per.get((i, t['region']), {})
             rows.append(dict(modality=rec['modality'], perceiver=rr.get('dice_continuous'), quantised=rr.get('dice_quantized'),
-                             answer_matched=t['dice_matched'], answer=t['dice']))
-    keys = ('perceiver', 'quantised', 'answer_matched', 'answer')
+                             answer_matched=t['dice_matched'], answer=t['dice'], answer_ordered=t['dice_ordered']))
+    keys = ('perceiver', 'quantised', 'answer_matched', 'answer', 'answer_ordered')
     pool = lambda rs: {**{k: _mean([r[k] for r in rs]) for k in keys}, 'n_regions': len(rs)}
     return _round(dict(overall=pool(rows), per_modality={m: pool([r for r in rows if r['modality'] == m])
                                                          for m in sorted({r['modality'] for r in rows}, key=str)}))
@@ -233,14 +235,14 @@ def evaluate(model,                 # a `MedSightForCausalLM` (eval mode is set)
     "One `score_answer` record per sample, answered greedily in order."
     from tqdm.auto import tqdm
     set_seed(seed); model.eval()
-    recs = []
+    recs, names = [], {str(r[k]) for x in samples for r in x['regions'] for k in ('name', 'label') if r.get(k)}
     bar = tqdm(total=len(samples), desc='eval', disable=not progress)
     for s in range(0, len(samples), batch_size):
         part = samples[s:s + batch_size]
         qs = [x['conversations'][0]['content'] for x in part]
         answers = model.generate_grounded([x['image'] for x in part], qs, processor=processor, max_new_tokens=max_new_tokens)
         for x, a in zip(part, answers):
-            r = score_answer(x, a, diagnoses)
+            r = score_answer(x, a, diagnoses, names=names)
             r['n_tokens'] = len(processor.tokenizer(a.text, add_special_tokens=False)['input_ids'])   # code tokens count one each
             recs.append(r)
         bar.update(len(part))
@@ -252,7 +254,7 @@ def _fmt(v, pct=False):
     if v is None: return '–'
     return f'{v:.3f}' if isinstance(v, float) else str(v)
 
-_COLS = [('n', 'questions'), ('dice', 'Dice'), ('dice_matched', 'Dice (matched)'), ('dice_union', 'Dice (union)'), ('iou', 'IoU'),
+_COLS = [('n', 'questions'), ('dice', 'Dice'), ('dice_ordered', 'Dice (in order)'), ('dice_matched', 'Dice (matched)'), ('dice_union', 'Dice (union)'), ('iou', 'IoU'),
          ('hd95', 'HD95 px'), ('closed_acc', 'closed acc'), ('open_recall', 'open recall'), ('diagnosis_recall', 'diagnosis recall')]
 
 def metrics_table(rows:dict, first:str='') -> str:
@@ -263,10 +265,10 @@ def metrics_table(rows:dict, first:str='') -> str:
 
 def budget_md(bd:dict) -> str:
     "A markdown table of `dice_budget`: rows overall and per modality, with the LLM's share (perceiver − answer matched)."
-    lines = ['| | regions | perceiver | quantised | answer (matched) | answer (in order) | lost to region choice |', '|' + '---|' * 7]
+    lines = ['| | regions | perceiver | quantised | answer (matched) | answer (named) | answer (in order) | lost to region choice |', '|' + '---|' * 8]
     for name, b in {'all': bd['overall'], **bd['per_modality']}.items():
         gap = None if b['perceiver'] is None or b['answer_matched'] is None else b['perceiver'] - b['answer_matched']
-        lines.append(f"| {name} | {b['n_regions']} | " + ' | '.join(_fmt(b[k]) for k in ('perceiver', 'quantised', 'answer_matched', 'answer')) + f' | {_fmt(gap)} |')
+        lines.append(f"| {name} | {b['n_regions']} | " + ' | '.join(_fmt(b[k]) for k in ('perceiver', 'quantised', 'answer_matched', 'answer', 'answer_ordered')) + f' | {_fmt(gap)} |')
     return '\n'.join(lines)
 
 def report_md(metrics:dict) -> str:

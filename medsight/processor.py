@@ -14,7 +14,7 @@ from .model import CHATML, IMAGE_TOKEN, GroundedAnswer, Region
 
 # %% auto #0
 __all__ = ['MedSightProcessor', 'images', 'masks', 'encode', 'collate', 'prompt', 'decode', 'region_dice', 'grounded_dice',
-           'dice_scores']
+           'pair_regions', 'dice_scores', 'name_spans', 'slot_names', 'name_allowed']
 
 # %% ../nbs/06_processor.ipynb #a230c50c
 class MedSightProcessor:
@@ -298,13 +298,59 @@ def grounded_dice(answers:list,     # `GroundedAnswer`s with masks
     "Per target mask, the Dice of its answer region (by position, or matched); 0 for a target no region answers."
     return [v for a, ts in zip(answers, targets) for v in dice_scores(region_dice(a, ts), match)]
 
-def dice_scores(d:np.ndarray, match:bool=False) -> list: # (T, R) from `region_dice`
-    "Per target, its Dice by position (target j ↔ region j) or after Hungarian matching; 0 where no region answers."
+def pair_regions(d:np.ndarray,        # (T, R) Dice of targets against answer regions, from `region_dice`
+                 match:bool=False,     # Hungarian matching on Dice instead of position
+                 allowed=None) -> list: # (T, R) bool from `name_allowed`: match among these pairs only
+    "Per target, the answer region scored against it (None: none): by position, by Hungarian matching, or matching among allowed pairs."
     from scipy.optimize import linear_sum_assignment
-    best = np.zeros(d.shape[0])
-    if not match:
-        n = min(d.shape); best[:n] = d[np.arange(n), np.arange(n)]
-    elif d.size:
-        ti, ri = linear_sum_assignment(-d); best[ti] = d[ti, ri]
-    return best.tolist()
+    T, R = d.shape
+    if allowed is None and not match: return [j if j < R else None for j in range(T)]
+    w = d if allowed is None else np.where(allowed, d, 0.0)
+    out = [None] * T
+    if d.size:
+        for j, k in zip(*linear_sum_assignment(-w)):
+            if allowed is None or allowed[j, k]: out[j] = int(k)
     return out
+
+def dice_scores(d:np.ndarray, match:bool=False, allowed=None) -> list: # (T, R) from `region_dice`
+    "Per target, its Dice by position (target j ↔ region j), after Hungarian matching, or after matching among `allowed` pairs; 0 where no region answers."
+    return [float(d[j, k]) if k is not None else 0.0 for j, k in enumerate(pair_regions(d, match, allowed))]
+
+
+# %% ../nbs/06_processor.ipynb #2fbaa22a
+_SLOT = re.compile(r'<region:\d+>|\[M\d+_\d+\]')
+_LISTED = re.compile(r'[\s,;()]*(?:and|or)?[\s,;()]*', re.I)                  # what joins two slots of one list
+
+def name_spans(text:str, vocab) -> list:
+    "Where `text` names a word of `vocab` (singular or plural, any case): `(start, end, name)`, a name inside a longer one dropped."
+    t, found = text.lower(), []
+    for n in {str(v).lower().strip() for v in vocab if str(v).strip()}:
+        pat = r'\s+'.join(map(re.escape, n.split()))
+        found += [(m.start(), m.end(), n) for m in re.finditer(rf'\b{pat}(?:e?s)?\b', t)]
+    keep = [f for f in found if not any(g[0] <= f[0] and f[1] <= g[1] and g[1] - g[0] > f[1] - f[0] for g in found)]
+    return sorted(keep)
+
+def slot_names(text:str, vocab) -> list:
+    "Per region slot of `text` (a `<region:i>` placeholder or a code token), in order: the names of `vocab` in its clause (a list's: its first's)."
+    spans, out, prev = name_spans(text, vocab), [], 0
+    for m in _SLOT.finditer(text):
+        names = {n for s, e, n in spans if prev <= s and e <= m.start()}
+        listed = out and _LISTED.fullmatch(text[prev:m.start()])               # '<region:3> and <region:4>': the same names
+        out.append(names or (set(out[-1]) if listed else set()))               # '… bigger: <region:1> versus <region:3>': none
+        prev = m.end()
+    return out
+
+def name_allowed(ref_text:str,        # the reference answer, with `<region:i>` placeholders
+                 answer_text:str,     # the generated answer, with code tokens
+                 regions:list,        # the sample's regions named by the reference's placeholders, in their order
+                 n_answer:int,        # how many regions the answer has (its code tokens)
+                 vocab) -> np.ndarray:
+    "(T, R) bool: may answer region k stand for reference region j? Not when k's names agree with other reference regions but not j."
+    vocab = set(vocab) | {str(r.get(k)) for r in regions for k in ('name', 'label') if r.get(k)}
+    ref = [s | {str(r.get(k)).lower() for k in ('name', 'label') if r.get(k)} for s, r in zip(slot_names(ref_text, vocab), regions)]
+    ans = slot_names(answer_text, vocab)
+    if len(ref) != len(regions) or len(ans) != n_answer:                       # slots and regions disagree: no name check
+        return np.ones((len(regions), n_answer), bool)
+    agree = np.array([[bool(a & r) for a in ans] for r in ref], bool).reshape(len(regions), n_answer)
+    return agree | ~agree.any(0, keepdims=True)                                # names that point nowhere in the reference: free
+

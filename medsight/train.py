@@ -1081,11 +1081,12 @@ def _named(text:str, vocab:list) -> set:
 
 @torch.no_grad()
 def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_size:int=16) -> dict:
-    "Loss, grounded Dice (by order and matched), code accuracy and diagnosis accuracy on the first `n` samples of a split, overall and per task."
-    from medsight.processor import region_dice, dice_scores
+    "Loss, grounded Dice (named, by order and matched), code accuracy and diagnosis accuracy on the first `n` samples of a split, overall and per task."
+    from medsight.processor import region_dice, dice_scores, name_allowed
     idx = [i for i in range(len(data['samples'])) if data['items'][i] is not None][:n]
     dev = model.code_tokens.inp.device
     diags = list(data['info'].get('diagnoses', []))
+    names = set(diags) | {str(r[k]) for i in idx for r in data['samples'][i]['regions'] for k in ('name', 'label') if r.get(k)}
     losses, tasks = [], {}
     for s in range(0, len(idx), batch_size):
         part = idx[s:s + batch_size]
@@ -1095,12 +1096,14 @@ def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_
         q = [x['conversations'][0]['content'] for x in smp]
         answers = model.generate_grounded([x['image'] for x in smp], q, processor=processor, max_new_tokens=max_new_tokens)
         for i, x, a in zip(part, smp, answers):
-            t = tasks.setdefault(x.get('task') or 'other', dict(dice=[], dice_matched=[], code=[], diagnosis=[]))
+            t = tasks.setdefault(x.get('task') or 'other', dict(dice=[], dice_ordered=[], dice_matched=[], code=[], diagnosis=[]))
             ref = x['conversations'][1]['content']
             order = [int(r) for r in re.findall(r'<region:(\d+)>', ref)]
             if order and all(data['codes'][i][r] is not None for r in order):
-                d = region_dice(a, [x['regions'][r]['mask'] for r in order])                 # (targets, regions), once
-                t['dice'] += dice_scores(d); t['dice_matched'] += dice_scores(d, match=True)
+                regs = [x['regions'][r] for r in order]
+                d = region_dice(a, [r['mask'] for r in regs])                                 # (targets, regions), once
+                t['dice'] += dice_scores(d, allowed=name_allowed(ref, a.text, regs, len(a.regions), names))
+                t['dice_ordered'] += dice_scores(d); t['dice_matched'] += dice_scores(d, match=True)
                 want = [code_token(*data['codes'][i][r]) for r in order]
                 t['code'] += [j < len(a.regions) and a.regions[j].token == w for j, w in enumerate(want)]
             if x.get('task') == 'diagseg':
@@ -1109,7 +1112,8 @@ def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_
     mean = lambda v: float(np.mean(v)) if len(v) else None
     pool = lambda k: [v for t in tasks.values() for v in t[k]]
     per_task = {k: dict(dice=mean(t['dice']), code_acc=mean(t['code']), n_regions=len(t['dice'])) for k, t in sorted(tasks.items()) if t['dice']}
-    return dict(loss=sum(losses) / max(len(idx), 1), dice=mean(pool('dice')), dice_matched=mean(pool('dice_matched')),
+    return dict(loss=sum(losses) / max(len(idx), 1), dice=mean(pool('dice')), dice_ordered=mean(pool('dice_ordered')),
+                dice_matched=mean(pool('dice_matched')),
                 code_acc=mean(pool('code')), diagnosis_acc=mean(pool('diagnosis')), n=len(idx), n_regions=len(pool('dice')),
                 n_diagnosis=len(pool('diagnosis')), per_task=per_task)
 
