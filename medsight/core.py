@@ -321,10 +321,14 @@ def atomic_write_text(path, text:str):
     with open(tmp, 'w', encoding='utf-8') as f: f.write(text); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, path)
 
+_SECTIONS = ('vision', 'perceiver', 'codebook', 'llm', 'train')
+
 def config_from_dict(d:dict) -> RunConfig:
-    "A `RunConfig` from a (possibly partial) dict: its `preset` plus everything else as overrides."
+    "A `RunConfig` from a dict: a partial one is its `preset` plus overrides; a complete one (as saved) is taken as it is, keys it lacks at their class defaults."
     d = dict(d); name = d.pop('preset', 'tiny')
-    return get_preset(name, d)
+    base = get_preset(name)                                                    # checks the name
+    if all(isinstance(d.get(s), dict) for s in _SECTIONS): base = RunConfig(preset=name)
+    return base.update(d)
 
 def load_config(path) -> RunConfig:
     "Read a JSON or YAML config file."
