@@ -235,7 +235,8 @@ def evaluate(model,                 # a `MedSightForCausalLM` (eval mode is set)
     "One `score_answer` record per sample, answered greedily in order."
     from tqdm.auto import tqdm
     set_seed(seed); model.eval()
-    recs, names = [], {str(r[k]) for x in samples for r in x['regions'] for k in ('name', 'label') if r.get(k)}
+    from medsight.processor import region_vocab
+    recs, names = [], region_vocab([r for x in samples for r in x['regions']])
     bar = tqdm(total=len(samples), desc='eval', disable=not progress)
     for s in range(0, len(samples), batch_size):
         part = samples[s:s + batch_size]

@@ -79,16 +79,9 @@ GENERIC_NAMES = ('lesion', 'mass', 'nodule', 'finding', 'abnormality')   # regio
 def region_names(text:str,        # the answer text, code tokens inline
                  vocab) -> list:  # class names to look for
     "One name per code token of `text`, in order: the last vocabulary name in the words before it (None when there is none)."
-    names, start = [], 0
-    pats = [(v, re.compile(r'\b' + re.escape(v.lower()) + r's?\b')) for v in sorted(vocab, key=len, reverse=True)]
-    for m in _CODE.finditer(text):
-        seg, best = text[start:m.start()].lower(), None
-        for v, p in pats:
-            hits = [h.end() for h in p.finditer(seg)]
-            if hits and (best is None or max(hits) > best[1]): best = (v, max(hits))
-        names.append(best[0] if best else None)
-        start = m.end()
-    return names
+    from medsight.processor import slot_spans                              # the clause reading the named pairing uses (chapter 06)
+    case = {str(v).lower(): v for v in vocab}
+    return [case[max(spans, key=lambda sp: sp[1])[2]] if spans else None for spans, _ in slot_spans(text, vocab, _CODE)]
 
 # %% ../nbs/09_infer.ipynb #cec16ceb
 def read_input(path, window=None, axis:int=2, slice_index:int=None, frame:int=None, volume:int=None) -> tuple:

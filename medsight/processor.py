@@ -14,7 +14,7 @@ from .model import CHATML, IMAGE_TOKEN, GroundedAnswer, Region
 
 # %% auto #0
 __all__ = ['MedSightProcessor', 'images', 'masks', 'encode', 'collate', 'prompt', 'decode', 'region_dice', 'grounded_dice',
-           'pair_regions', 'dice_scores', 'name_spans', 'slot_names', 'name_allowed']
+           'pair_regions', 'dice_scores', 'region_vocab', 'name_spans', 'slot_spans', 'slot_names', 'name_allowed']
 
 # %% ../nbs/06_processor.ipynb #a230c50c
 class MedSightProcessor:
@@ -321,6 +321,10 @@ def dice_scores(d:np.ndarray, match:bool=False, allowed=None) -> list: # (T, R) 
 _SLOT = re.compile(r'<region:\d+>|\[M\d+_\d+\]')
 _LISTED = re.compile(r'[\s,;()]*(?:and|or)?[\s,;()]*', re.I)                  # what joins two slots of one list
 
+def region_vocab(regions) -> set:
+    "The names and labels ('lesion', 'cyst') of sample regions, lower-case: the vocabulary the named pairing reads."
+    return {str(r[k]).lower() for r in regions for k in ('name', 'label') if r.get(k)}
+
 def name_spans(text:str, vocab) -> list:
     "Where `text` names a word of `vocab` (singular or plural, any case): `(start, end, name)`, a name inside a longer one dropped."
     t, found = text.lower(), []
@@ -330,14 +334,20 @@ def name_spans(text:str, vocab) -> list:
     keep = [f for f in found if not any(g[0] <= f[0] and f[1] <= g[1] and g[1] - g[0] > f[1] - f[0] for g in found)]
     return sorted(keep)
 
+def slot_spans(text:str, vocab, slot=_SLOT) -> list:
+    "Per region slot of `text` (matches of `slot`), in order: `(the name spans of its clause, the clause)`; the clause is the text since the previous slot."
+    spans, out, prev = name_spans(text, vocab), [], 0
+    for m in slot.finditer(text):
+        out.append(([sp for sp in spans if prev <= sp[0] and sp[1] <= m.start()], text[prev:m.start()]))
+        prev = m.end()
+    return out
+
 def slot_names(text:str, vocab) -> list:
     "Per region slot of `text` (a `<region:i>` placeholder or a code token), in order: the names of `vocab` in its clause (a list's: its first's)."
-    spans, out, prev = name_spans(text, vocab), [], 0
-    for m in _SLOT.finditer(text):
-        names = {n for s, e, n in spans if prev <= s and e <= m.start()}
-        listed = out and _LISTED.fullmatch(text[prev:m.start()])               # '<region:3> and <region:4>': the same names
-        out.append(names or (set(out[-1]) if listed else set()))               # '… bigger: <region:1> versus <region:3>': none
-        prev = m.end()
+    out = []
+    for spans, clause in slot_spans(text, vocab):
+        listed = out and _LISTED.fullmatch(clause)                             # '<region:3> and <region:4>': the same names
+        out.append({n for _, _, n in spans} or (set(out[-1]) if listed else set()))   # '… bigger: <region:1> versus <region:3>': none
     return out
 
 def name_allowed(ref_text:str,        # the reference answer, with `<region:i>` placeholders
@@ -346,8 +356,8 @@ def name_allowed(ref_text:str,        # the reference answer, with `<region:i>` 
                  n_answer:int,        # how many regions the answer has (its code tokens)
                  vocab) -> np.ndarray:
     "(T, R) bool: may answer region k stand for reference region j? Not when k's names agree with other reference regions but not j."
-    vocab = set(vocab) | {str(r.get(k)) for r in regions for k in ('name', 'label') if r.get(k)}
-    ref = [s | {str(r.get(k)).lower() for k in ('name', 'label') if r.get(k)} for s, r in zip(slot_names(ref_text, vocab), regions)]
+    vocab = set(vocab) | region_vocab(regions)
+    ref = [s | region_vocab([r]) for s, r in zip(slot_names(ref_text, vocab), regions)]
     ans = slot_names(answer_text, vocab)
     if len(ref) != len(regions) or len(ans) != n_answer:                       # slots and regions disagree: no name check
         return np.ones((len(regions), n_answer), bool)

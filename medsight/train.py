@@ -1082,11 +1082,11 @@ def _named(text:str, vocab:list) -> set:
 @torch.no_grad()
 def llm_val(model, processor, data:dict, n:int=64, max_new_tokens:int=48, batch_size:int=16) -> dict:
     "Loss, grounded Dice (named, by order and matched), code accuracy and diagnosis accuracy on the first `n` samples of a split, overall and per task."
-    from medsight.processor import region_dice, dice_scores, name_allowed
+    from medsight.processor import region_dice, dice_scores, name_allowed, region_vocab
     idx = [i for i in range(len(data['samples'])) if data['items'][i] is not None][:n]
     dev = model.code_tokens.inp.device
     diags = list(data['info'].get('diagnoses', []))
-    names = set(diags) | {str(r[k]) for i in idx for r in data['samples'][i]['regions'] for k in ('name', 'label') if r.get(k)}
+    names = set(diags) | region_vocab([r for i in idx for r in data['samples'][i]['regions']])
     losses, tasks = [], {}
     for s in range(0, len(idx), batch_size):
         part = idx[s:s + batch_size]
