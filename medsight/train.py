@@ -24,8 +24,8 @@ __all__ = ['STAGES', 'SIGNATURE', 'PICKLE_SUFFIXES', 'STAGE1_FREE', 'STAGE_NAMES
            'read_metrics', 'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches',
            'load_region_data', 'stage1_skip', 'stage1_conflicts', 'check_stage1', 'load_region_model', 'region_spec',
            'region_val', 'train_region_stage', 'write_code_labels', 'codebook_report', 'llm_spec', 'attach_lora',
-           'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss', 'llm_val', 'vision_cache', 'train_llm_stage',
-           'parse_stages', 'train_run', 'random_llm', 'bench']
+           'run_tokenizer', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss', 'llm_val', 'vision_cache',
+           'train_llm_stage', 'parse_stages', 'train_run', 'random_llm', 'bench']
 
 # %% ../nbs/07_train.ipynb #53d0a168
 @dataclass
@@ -223,7 +223,8 @@ SIGNATURE = {   # setting: (the tensors it shapes — skipping them skips the co
     'codebook.codes_per_modality': ('codebook.', "set codebook.codes_per_modality to the checkpoint's value, or train stages 2–5 again"),
     'modalities': ('codebook.', 'the data has other modalities than the checkpoint was trained on: use that data, or train again'),
     'classes': ('perceiver.', 'the data has another region class list than the checkpoint was trained on: use that data, or train again'),
-    'tokenizer.size': ('llm.', 'use the LLM and tokenizer the checkpoint was trained with (llm.kind, llm.path in RUN/config.json)'),
+    'tokenizer.size': ('llm.', 'use the LLM and tokenizer the checkpoint was trained with (llm.kind, llm.path in RUN/config.json); '
+                                'a tiny-LLM run keeps its own in RUN/tokenizer/, one trained before it did needs the medsight version that trained it'),
     'tokenizer.sha256': ('llm.', 'same size, another vocabulary: use the tokenizer the checkpoint was trained with (llm.kind, llm.path)')}
 
 def model_signature(model:nn.Module) -> dict:
@@ -984,10 +985,28 @@ def attach_lora(model, cfg:RunConfig):
     return model
 
 # %% ../nbs/07_train.ipynb #2d8a6173
+def run_tokenizer(run,                    # a run directory
+                  cfg:RunConfig,          # its config
+                  create:bool=False):     # build and keep the tokenizer if the run has none yet
+    "The tiny LLM's tokenizer the run trains with (`RUN/tokenizer/`); None for other LLMs and for runs that kept none."
+    if cfg.llm.kind != 'tiny': return None                     # SmolLM2 / hub models bring their tokenizer with their weights
+    d = Path(run)/'tokenizer'
+    if (d/'tokenizer.json').exists():
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(str(d))
+    if not create: return None
+    from medsight.model import tiny_tokenizer
+    tok = tiny_tokenizer()
+    for stale in d.parent.glob('.tokenizer.tmp-*'): shutil.rmtree(stale)
+    tmp = d.with_name(f'.tokenizer.tmp-{os.getpid()}'); tok.save_pretrained(str(tmp))
+    os.replace(tmp, d); _fsync_dir(d.parent)
+    return tok
+
 def load_llm_model(run,                 # a run directory with region.json and stages 1–2
                    cfg:RunConfig=None,  # default: RUN/config.json
                    upto:str='5',        # load the finished LLM stages before this one (and this one, if finished)
-                   load_in_4bit:bool=None): # default `cfg.llm.load_in_4bit`
+                   load_in_4bit:bool=None, # default `cfg.llm.load_in_4bit`
+                   keep_tokenizer:bool=False): # a run starting its LLM stages keeps the tiny tokenizer it builds (`run_tokenizer`)
     "The run's `MedSightForCausalLM` with every finished stage up to `upto` loaded; eval mode."
     from medsight.core import load_config
     from medsight.model import build_medsight
@@ -997,8 +1016,10 @@ def load_llm_model(run,                 # a run directory with region.json and s
     cfg = cfg or load_config(run/'config.json')
     for st in ('stage1', 'stage2'):
         if not is_done(run/st): raise CheckpointError(f'{st} has not finished', path=run/st, hint='medsight train --stage 1,2')
+    fresh = keep_tokenizer and not any(find_checkpoint(run/f'stage{s}') for s in '345')
+    tok = run_tokenizer(run, cfg, create=fresh)                    # None: built as before (SmolLM2, hub, runs that kept none)
     model = build_medsight(cfg, meta['modalities'], meta['classes'], load_in_4bit=load_in_4bit, mask_weight=cfg.llm.mask_weight,
-                           findings=meta.get('findings', ()))   # runs from before `findings`: each class its own group
+                           findings=meta.get('findings', ()), tokenizer=tok)   # runs from before `findings`: each class its own group
     for st in ('stage1', 'stage2'): load_weights(model, run/st, skip=stage1_skip(run, cfg) if st == 'stage1' else ())
     model.init_code_rows()
     for st in ('3', '4', '5'):
@@ -1155,7 +1176,7 @@ def train_llm_stage(cfg:RunConfig,      # the run config
     if is_done(run/f'stage{stage}', args['steps']): return json.loads((run/f'stage{stage}'/'metrics.json').read_text())
     check_stage1(run, cfg)
     set_seed(cfg.seed)
-    model = model or load_llm_model(run, cfg, upto=stage)
+    model = model or load_llm_model(run, cfg, upto=stage, keep_tokenizer=True)
     if stage == '5': attach_lora(model, cfg)
     proc = MedSightProcessor.from_model(model, max_length=cfg.llm.max_length)
     data = data or (cache or {}).get('data') or load_llm_data(run, data_dir, proc)   # the same items in every LLM stage

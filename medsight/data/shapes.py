@@ -581,7 +581,7 @@ def _t_location(rng, sc):
 
 # %% ../../nbs/01c_data.shapes.ipynb #e59f2f96
 _Q_LARGER = ['Which is larger, {x} or {y}?', 'Which is bigger: {x} or {y}?', 'Compare {x} and {y}: which one is larger?']
-_A_LARGER = ['{Big} (<region:{i}>) is larger than {small} (<region:{j}>).', '{Big}, <region:{i}>.', '{Big} is bigger: <region:{i}> versus <region:{j}>.']
+_A_LARGER = ['{Big} (<region:{i}>) is larger than {small} (<region:{j}>).', '{Big} (<region:{i}>), not {small} (<region:{j}>).', '{Big} is bigger: <region:{i}> versus <region:{j}>.']
 
 def _pairs(sc):
     "Comparable pairs: (region a, region b, name a, name b, key a, key b)."
@@ -656,6 +656,8 @@ _CAP_MOD = {'CT': ['An axial CT slice of the upper abdomen', 'Abdominal CT (axia
             'Ultrasound': ['An ultrasound image of the liver', 'A liver sonogram', 'An abdominal ultrasound image'],
             'Pathology': ['An H&E-stained tissue section', 'A pathology patch (H&E)', 'A histology image']}
 _Q_CAP = ['Describe this image.', 'Write a short report for this image.', 'What does this image show?', 'Give a brief description of the image.']
+_Q_CAP_SEG = ['Describe this image and segment any findings.', 'Write a short report for this image, outlining each lesion.',
+              'What does this image show? Segment the findings.', 'Give a brief description of the image with the lesions segmented.']
 
 def _t_caption(rng, sc):
     kinds, les, grounded = _kinds(sc), _lesions(sc), rng.random() < .5
@@ -665,7 +667,7 @@ def _t_caption(rng, sc):
     else:
         finds = [f"{_a(r['label'])} in the {r['host']} ({r['loc']})" + (f" <region:{r['i']}>" if grounded else '') for r in les]
         text += f' There is {finds[0]}.' if len(les) == 1 else f' Findings: {_and(finds)}.'
-    return _pick(rng, _Q_CAP), text, '', dict(grounded=bool(grounded and les))
+    return _pick(rng, _Q_CAP_SEG if grounded else _Q_CAP), text, '', dict(grounded=bool(grounded and les))
 
 _TASK_FNS = dict(diagseg=_t_diagseg, seg=_t_seg, multiseg=_t_multiseg, presence=_t_presence, count=_t_count,
                  location=_t_location, larger=_t_larger, refer=_t_refer, caption=_t_caption)
