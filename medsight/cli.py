@@ -315,8 +315,8 @@ FAST_STEPS = {'1': 10, '2': 5, '3': 2, '4': 2, '5': 4}
 def _prepare_demo(out:Path, want:dict, quiet:bool) -> tuple:
     "Build (or keep) the demo's MedShapes; a change of settings starts the run over. `(data dir, built now?)`"
     import shutil
-    from medsight.data.shapes import build_medshapes
-    data, state_file = out/'data', out/'demo_state.json'
+    from medsight.data.shapes import build_medshapes, WORDING
+    data, state_file, want = out/'data', out/'demo_state.json', {**want, 'wording': WORDING}   # new wording: new data, new tokenizer
     have = json.loads(state_file.read_text()) if state_file.exists() else None
     if have == want and (data/'medsight.json').exists(): print(f'[demo] MedShapes already built in {data}: kept'); return data, False
     print(f"[demo] building MedShapes ({want['n']} samples, seed {want['seed']})", flush=True)

@@ -12,9 +12,9 @@ import numpy as np
 from ..core import ConfigError, ModalityRegistry
 
 # %% auto #0
-__all__ = ['MODALITIES', 'STRUCTURES', 'LESION', 'DIAGNOSES', 'TASKS', 'DEFAULT_TASK_MIX', 'MedShapesConfig', 'ellipse_sdf',
-           'blob_sdf', 'smooth_noise', 'make_scene', 'make_medshapes_sample', 'generate_medshapes', 'medshapes_info',
-           'build_medshapes']
+__all__ = ['MODALITIES', 'STRUCTURES', 'LESION', 'DIAGNOSES', 'TASKS', 'DEFAULT_TASK_MIX', 'WORDING', 'MedShapesConfig',
+           'ellipse_sdf', 'blob_sdf', 'smooth_noise', 'make_scene', 'make_medshapes_sample', 'generate_medshapes',
+           'medshapes_info', 'build_medshapes']
 
 # %% ../../nbs/01c_data.shapes.ipynb #9dde8000
 MODALITIES = ('CT', 'MRI', 'X-Ray', 'Ultrasound', 'Pathology')
@@ -741,6 +741,8 @@ class _Lazy:
     def __iter__(self):
         for i in self.indices: yield make_medshapes_sample(i, self.seed, self.cfg)
 
+WORDING = 2   # version of the questions' and answers' wording: 2 since captions ask for their masks and every 'larger' answer grounds both
+
 def medshapes_info(cfg:MedShapesConfig, seed:int=0) -> dict:
     "The `medsight.json` facts of a MedShapes dataset drawn with `cfg` and `seed`."
     return dict(name='MedShapes', source='medshapes', seed=int(seed), size=cfg.size,
@@ -750,7 +752,7 @@ def medshapes_info(cfg:MedShapesConfig, seed:int=0) -> dict:
                 region_names=list(dict.fromkeys(n for m in cfg.modalities for n in STRUCTURES[m])) + [LESION],
                 diagnoses=list(cfg.diagnoses), tasks=[t for t in TASKS if cfg.task_mix.get(t, 0) > 0],
                 max_regions=max(_MAX_STRUCTURES[m] for m in cfg.modalities) + len(cfg.lesion_counts) - 1,
-                side_convention="image: 'left' is the left of the image as displayed",
+                side_convention="image: 'left' is the left of the image as displayed", wording=WORDING,
                 config=asdict(cfg))
 
 # %% ../../nbs/01c_data.shapes.ipynb #1bbc1120
