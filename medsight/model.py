@@ -199,16 +199,22 @@ def class_probs(class_logits:torch.Tensor,  # (B, N, C+1) the perceiver's class 
 
 def region_evidence(class_logits:torch.Tensor, # (B, N, C+1) the perceiver's class logits
                     mask_logits:torch.Tensor=None, # (B, N, h, w) its mask logits (None: centre 0.5, size 0)
-                    keep:torch.Tensor=None        # (B, N) bool: regions not kept read as no-object (`distinct_regions`)
+                    keep:torch.Tensor=None,       # (B, N) bool: regions not kept read as no-object (`distinct_regions`)
+                    scaled:bool=False             # geometry on a usable scale (`llm.geometry`): (x − ½)·8, (y − ½)·8, log area + 5
                    ) -> torch.Tensor:          # (B, N, C+5)
-    "What a region token states outright: class probabilities, then its soft mask's centre x, y, √area and peak."
+    "What a region token states outright: class probabilities, then its soft mask's centre x, y, √area (or log area) and peak."
     p_cls = class_probs(class_logits, keep)
-    if mask_logits is None: return torch.cat([p_cls, p_cls.new_tensor([.5, .5, 0., 0.]).expand(*p_cls.shape[:-1], 4)], -1)
-    p = mask_logits.float().sigmoid(); h, w = p.shape[-2:]
-    ys, xs = (torch.arange(h, device=p.device) + .5) / h, (torch.arange(w, device=p.device) + .5) / w
-    mass = p.sum((-1, -2)).clamp_min(1e-6)                                       # (B, N)
-    cx, cy = (p.sum(-2) * xs).sum(-1) / mass, (p.sum(-1) * ys).sum(-1) / mass
-    return torch.cat([p_cls, torch.stack([cx, cy, (mass / (h * w)).sqrt(), p.amax((-1, -2))], -1)], -1)
+    if mask_logits is None: geo = p_cls.new_tensor([.5, .5, 0., 0.]).expand(*p_cls.shape[:-1], 4)
+    else:
+        p = mask_logits.float().sigmoid(); h, w = p.shape[-2:]
+        ys, xs = (torch.arange(h, device=p.device) + .5) / h, (torch.arange(w, device=p.device) + .5) / w
+        mass = p.sum((-1, -2)).clamp_min(1e-6)                                   # (B, N)
+        cx, cy = (p.sum(-2) * xs).sum(-1) / mass, (p.sum(-1) * ys).sum(-1) / mass
+        geo = torch.stack([cx, cy, (mass / (h * w)).sqrt(), p.amax((-1, -2))], -1)   # (B, N, 4)
+    if scaled:                                                                   # a lesion's √area differs from its sibling's by ~0.02
+        cx, cy, sa, pk = geo.unbind(-1)
+        geo = torch.stack([(cx - .5) * 8, (cy - .5) * 8, 2 * sa.clamp_min(1e-3).log() + 5, pk], -1)
+    return torch.cat([p_cls, geo], -1)
 
 # %% ../nbs/05_model.ipynb #d3d1f0a2
 def distinct_regions(class_logits:torch.Tensor, # (B, N, C+1) the perceiver's class logits
@@ -240,19 +246,26 @@ class CodePointer(nn.Module):
     def __init__(self, hidden:int, dim:int=128,
                  n_evidence:int=0,   # width of the region evidence the keys also read, with a revisit term (`llm.pointer_features`; 0: neither)
                  n_classes:int=0,    # classes the intent head guesses among (`llm.pointer_intent`; 0: no intent head)
-                 floor:float=0.1):   # α of the intent term log(α + Σ_c q(c|h) p(c|region))
+                 floor:float=0.1,    # α of the intent term log(α + Σ_c q(c|h) p(c|region))
+                 geometry:bool=False): # a state-dependent preference over the evidence's geometry, g(h)·(x, y, size, peak) (`llm.geometry`)
         super().__init__()
         self.q, self.k, self.scale = nn.Linear(hidden, dim), nn.Linear(hidden, dim), dim ** -0.5
         self.feat = nn.Linear(n_evidence, dim) if n_evidence else None       # what the region is, straight into its key
         self.revisit = nn.Linear(hidden, 1) if n_evidence else None          # the state decides what an already named region is worth
         self.intent, self.floor = (nn.Linear(hidden, n_classes) if n_classes else None), floor   # which class the next code names
         if self.intent is not None: nn.init.zeros_(self.intent.weight); nn.init.zeros_(self.intent.bias)   # starts uniform
-    def keys(self, h_regions, evidence=None):                                # (B, N, H), (B, N, E) → (B, N, P)
+        self.geo = nn.Linear(hidden, 4) if geometry and n_evidence else None  # which way along x, y, size the next code's region lies
+        if self.geo is not None: nn.init.zeros_(self.geo.weight); nn.init.zeros_(self.geo.bias)            # starts indifferent
+    def keys(self, h_regions, evidence=None):                                # (B, N, H), (B, N, E) → (B, N, P) (P + 4 with `geo`)
         k = self.k(h_regions)
-        return k if self.feat is None or evidence is None else k + self.feat(evidence.to(k.dtype))
+        k = k if self.feat is None or evidence is None else k + self.feat(evidence.to(k.dtype))
+        if self.geo is None: return k
+        geo = evidence[..., -4:].to(k.dtype) if evidence is not None else k.new_zeros(*k.shape[:-1], 4)
+        return torch.cat([k, geo], -1)                                       # the region's geometry, read by g(h) in `forward`
     def forward(self, h, keys, visited=None,  # visited: 1 where a region was already named, shaped like the scores (None: ignored)
                 cls=None):                     # (B, N, C) or (S, N, C) the regions' class probabilities, for the intent term (None: ignored)
         q = self.q(h) * self.scale                                           # (…, P)
+        if self.geo is not None: q = torch.cat([q, self.geo(h)], -1)         # (…, P + 4): + g(h)·geometry, unscaled
         if keys.dim() == q.dim(): s = q @ keys.transpose(-1, -2)            # (B, T, P) · (B, N, P) → (B, T, N)
         else: s = (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)    # (S, P) · (S, N, P) → (S, N)
         if visited is not None and self.revisit is not None: s = s + self.revisit(h) * visited.to(s.dtype)
@@ -341,8 +354,12 @@ class MedSightForCausalLM(PreTrainedModel):
         self.n_evidence = len(config.classes) + 5                   # `region_evidence`: C + 1 class probabilities, centre x, y, √area, peak
         if cfg.llm.pointer_intent and not cfg.llm.code_pointer:
             raise ConfigError('the pointer intent is a term of the code pointer', field='llm.pointer_intent', hint='set llm.code_pointer=true too, or llm.pointer_intent=false')
+        if cfg.llm.geometry and not cfg.llm.pointer_features:
+            raise ConfigError('the geometry preference reads the pointer features', field='llm.geometry', hint='set llm.pointer_features=true (and llm.code_pointer=true) too, or llm.geometry=false')
+        self.geometry = cfg.llm.geometry                             # `region_evidence(scaled=…)` wherever the evidence is built
         self.code_pointer = CodePointer(H, cfg.llm.pointer_dim, self.n_evidence if cfg.llm.pointer_features else 0,
-                                        len(config.classes) if cfg.llm.pointer_intent else 0, cfg.llm.name_floor) if cfg.llm.code_pointer else None
+                                        len(config.classes) if cfg.llm.pointer_intent else 0, cfg.llm.name_floor,
+                                        cfg.llm.geometry) if cfg.llm.code_pointer else None
         self.intent_weight = cfg.llm.intent_weight
         self.region_head = rm.region_head                           # `perceiver.refine_classes`: trained in stage 2, frozen here
         self.region_tokens, self.name_floor = cfg.llm.region_tokens, cfg.llm.name_floor
@@ -422,7 +439,7 @@ def extend_vocab(self:MedSightForCausalLM, tokenizer) -> dict:
 def code_region_tokens(self:MedSightForCausalLM) -> torch.Tensor:
     "Every code as a region token: `P_v→t(W_m(code))` (with its class evidence when region evidence is on), (M·K, H)."
     v = self.codebook.code_embeddings()                                           # (M·K, D_q)
-    ev = region_evidence(self.perceiver.class_head(self.perceiver.norm(v))) if self.proj_v2t.evidence is not None else None
+    ev = region_evidence(self.perceiver.class_head(self.perceiver.norm(v)), scaled=self.geometry) if self.proj_v2t.evidence is not None else None
     return self.proj_v2t.regions(v, ev)
 
 @patch
@@ -531,7 +548,7 @@ def regions_of(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S,
 @patch
 def evidence(self:MedSightForCausalLM, out:PerceiverOutput) -> torch.Tensor: # → (B, N, C+5), detached
     "`region_evidence` of the regions: their final classes (`region_class_logits`), with `distinct` applied, and their masks."
-    return region_evidence(region_class_logits(out), out.mask_logits[-1], self.distinct(out)).detach()
+    return region_evidence(region_class_logits(out), out.mask_logits[-1], self.distinct(out), scaled=self.geometry).detach()
 
 @patch
 def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
