@@ -996,10 +996,12 @@ def run_tokenizer(run,                    # a run directory
         return PreTrainedTokenizerFast.from_pretrained(str(d))
     if not create: return None
     from medsight.model import tiny_tokenizer
-    tok = tiny_tokenizer()
-    for stale in d.parent.glob('.tokenizer.tmp-*'): shutil.rmtree(stale)
+    tok = tiny_tokenizer()                                     # deterministic: every process of a multi-process run builds the same
+    if int(os.environ.get('RANK', 0)): return tok              # only the main process writes
+    for stale in d.parent.glob('.tokenizer.tmp-*'): shutil.rmtree(stale)   # left by a crashed write
     tmp = d.with_name(f'.tokenizer.tmp-{os.getpid()}'); tok.save_pretrained(str(tmp))
-    os.replace(tmp, d); _fsync_dir(d.parent)
+    try: os.replace(tmp, d); _fsync_dir(d.parent)
+    except OSError: shutil.rmtree(tmp)                         # written meanwhile (another run on the same directory): keep that one
     return tok
 
 def load_llm_model(run,                 # a run directory with region.json and stages 1–2
