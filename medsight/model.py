@@ -259,9 +259,8 @@ class CodePointer(nn.Module):
     def keys(self, h_regions, evidence=None):                                # (B, N, H), (B, N, E) → (B, N, P) (P + 4 with `geo`)
         k = self.k(h_regions)
         k = k if self.feat is None or evidence is None else k + self.feat(evidence.to(k.dtype))
-        if self.geo is None: return k
-        geo = evidence[..., -4:].to(k.dtype) if evidence is not None else k.new_zeros(*k.shape[:-1], 4)
-        return torch.cat([k, geo], -1)                                       # the region's geometry, read by g(h) in `forward`
+        if self.geo is None: return k                                        # `geo` implies `feat`: the evidence is always given
+        return torch.cat([k, evidence[..., -4:].to(k.dtype)], -1)            # the region's geometry, read by g(h) in `forward`
     def forward(self, h, keys, visited=None,  # visited: 1 where a region was already named, shaped like the scores (None: ignored)
                 cls=None):                     # (B, N, C) or (S, N, C) the regions' class probabilities, for the intent term (None: ignored)
         q = self.q(h) * self.scale                                           # (…, P)
