@@ -13,11 +13,11 @@ from .core import DataError, ConfigError, set_seed, atomic_write_text
 # %% auto #0
 __all__ = ['ARTICLES', 'MASK_TOKEN_SCHEMES', 'PAPER_WAY', 'ABLATIONS', 'NOISE', 'seg_metrics', 'answer_scores', 'normalize_text',
            'closed_answer', 'open_recall', 'named_findings', 'diagnosis_recall', 'rle_encode', 'rle_decode',
-           'diagnoses_of', 'score_answer', 'confusion', 'count_table', 'summarize', 'dice_budget', 'evaluate',
-           'metrics_table', 'budget_md', 'report_md', 'stage_costs', 'generation_costs', 'cost_md', 'plot_per_modality',
-           'plot_confusion', 'plot_cases', 'evaluate_run', 'region_figures', 'ClassUNet', 'class_targets', 'unet_loss',
-           'class_questions', 'seg_summary', 'evaluate_unet', 'run_wall_s', 'train_unet', 'load_unet',
-           'compare_to_unet', 'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
+           'diagnoses_of', 'score_answer', 'confusion', 'count_table', 'summarize', 'dice_budget', 'name_echo',
+           'evaluate', 'metrics_table', 'budget_md', 'names_md', 'report_md', 'stage_costs', 'generation_costs',
+           'cost_md', 'plot_per_modality', 'plot_confusion', 'plot_cases', 'evaluate_run', 'region_figures',
+           'ClassUNet', 'class_targets', 'unet_loss', 'class_questions', 'seg_summary', 'evaluate_unet', 'run_wall_s',
+           'train_unet', 'load_unet', 'compare_to_unet', 'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
 
 # %% ../nbs/08_eval.ipynb #3adb10ed
 def _as_bool(m, name='mask'):
@@ -222,6 +222,22 @@ def dice_budget(recs:list,         # `score_answer` records, in sample order
     return _round(dict(overall=pool(rows), per_modality={m: pool([r for r in rows if r['modality'] == m])
                                                          for m in sorted({r['modality'] for r in rows}, key=str)}))
 
+# %% ../nbs/08_eval.ipynb #15a5c3bc
+def name_echo(recs:list) -> dict:
+    "Structures the question names (reference regions without a label): how many, the share the answer repeats, the Dice of each kind."
+    from medsight.processor import name_spans
+    vocab = {str(t['name']).lower() for r in recs for t in r.get('targets', []) if not t.get('label')}
+    rows = []
+    for r in recs:
+        tg = [t for t in r.get('targets', []) if not t.get('label')]
+        if not tg: continue
+        q, a = ({n for *_, n in name_spans(r[k], vocab)} for k in ('question', 'answer'))
+        rows += [dict(modality=r['modality'], echoed=str(t['name']).lower() in a, dice=t['dice']) for t in tg if str(t['name']).lower() in q]
+    pool = lambda rs: dict(asked=len(rs), echoed=_mean([float(x['echoed']) for x in rs]),
+                           dice_echoed=_mean([x['dice'] for x in rs if x['echoed']]), dice_dropped=_mean([x['dice'] for x in rs if not x['echoed']]))
+    return _round(dict(overall=pool(rows), per_modality={m: pool([x for x in rows if x['modality'] == m])
+                                                         for m in sorted({x['modality'] for x in rows}, key=str)}))
+
 # %% ../nbs/08_eval.ipynb #7d9a376b
 @torch.no_grad()
 def evaluate(model,                 # a `MedSightForCausalLM` (eval mode is set)
@@ -272,6 +288,15 @@ def budget_md(bd:dict) -> str:
         lines.append(f"| {name} | {b['n_regions']} | " + ' | '.join(_fmt(b[k]) for k in ('perceiver', 'quantised', 'answer_matched', 'answer', 'answer_ordered')) + f' | {_fmt(gap)} |')
     return '\n'.join(lines)
 
+def names_md(ne:dict) -> str:
+    "The `name_echo` section of a report: a sentence, then the share repeated and the Dice of each kind, overall and per modality."
+    o = ne['overall']
+    lines = [f"The questions name {o['asked']} structures among their reference regions; the answers repeat {round(o['echoed'] * o['asked'])} "
+             f"of those names ({o['echoed']:.0%}). Dice where an answer repeats the name, and where it drops or changes it:", '',
+             '| | named | repeated | Dice (repeated) | Dice (dropped or changed) |', '|---|---|---|---|---|']
+    lines += [f"| {k} | {v['asked']} | {_fmt(v['echoed'])} | {_fmt(v['dice_echoed'])} | {_fmt(v['dice_dropped'])} |" for k, v in {'all': o, **ne['per_modality']}.items()]
+    return '\n'.join(lines)
+
 def report_md(metrics:dict) -> str:
     "The `report.md` text of a `metrics.json` dict."
     me = metrics.get('meta', {})
@@ -289,6 +314,7 @@ def report_md(metrics:dict) -> str:
     if rg: out += [f"Perceiver on the same regions: continuous queries {_fmt(rg['refer']['dice_continuous'])}, quantised codes "
                    f"{_fmt(rg['refer']['dice_quantized'])}, fixed class query (control) {_fmt(rg['refer']['dice_control'])}."]
     if rg and rg.get('budget'): out += ['', '## Where the Dice is lost (reference regions)', '', budget_md(rg['budget'])]
+    if (nm := metrics.get('names')) and nm['overall']['asked']: out += ['', '## Structures the question names', '', names_md(nm)]
     cf = metrics.get('confusion')
     if cf:
         out += ['', '## Diagnosis confusion (one reference diagnosis)', '', '| reference \\ answer | ' + ' | '.join(cf['cols']) + ' |',
@@ -410,6 +436,7 @@ def evaluate_run(run,                   # a run directory with stages 1–5 fini
     proc = MedSightProcessor.from_model(model, max_length=load_config(run/'config.json').llm.max_length)
     recs = evaluate(model, proc, samples, diags, max_new_tokens, batch_size, seed, progress)
     metrics = summarize(recs, diags)
+    metrics['names'] = name_echo(recs)
     if regions: metrics['regions'] = _round(region_figures(run, samples, data_dir, recs=recs))
     metrics['cost'] = _round(dict(stages=stage_costs(run), generation=generation_costs(recs)))
     metrics['meta'] = dict(run=run.name, data=Path(data_dir).name, fingerprint=info.get('fingerprint'), split=split, n=len(samples),
