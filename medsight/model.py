@@ -21,8 +21,8 @@ from .vision import unletterbox
 __all__ = ['CHATML', 'IMAGE_TOKEN', 'tiny_corpus', 'tiny_tokenizer', 'smollm2_files', 'cache_root', 'smollm2_dir', 'bnb_config',
            'tiny_llm_config', 'keep_4bit_trainable', 'load_llm', 'MedSightConfig', 'VisionToText', 'CodeTokens',
            'class_probs', 'region_evidence', 'distinct_regions', 'CodePointer', 'PointerContext', 'RegionReadout',
-           'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight', 'VisionCache', 'token_kinds',
-           'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
+           'prompt_bag', 'CopyBias', 'MedSightOutput', 'MedSightForCausalLM', 'name_token_ids', 'build_medsight',
+           'VisionCache', 'token_kinds', 'plot_token_layout', 'Generation', 'Region', 'GroundedAnswer']
 
 # %% ../nbs/05_model.ipynb #7345902a
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -284,9 +284,10 @@ class PointerContext:
     cls:torch.Tensor = None     # (B, N, C) each region's class probabilities, for the name pointer (None: off)
     feats:torch.Tensor = None   # (B, N, E) each region's evidence, for the pointer's keys (None: `llm.pointer_features` off)
     visited:torch.Tensor = None # 1 where a region was named by an earlier code token: (B, T, N), (S, N) or (B, N) like the scores
+    bag:torch.Tensor = None     # (B, V0) 1 for each word the prompt holds, for the copy bias (None: `llm.copy_bias` off)
     def take(self, rows):       # the context of the rows `rows` (one per selected position); `visited` is per position, set by the caller
         pick = lambda t: None if t is None else t[rows]
-        return PointerContext(self.pos[rows], self.codes[rows], pick(self.keys), pick(self.cls), pick(self.feats))
+        return PointerContext(self.pos[rows], self.codes[rows], pick(self.keys), pick(self.cls), pick(self.feats), bag=pick(self.bag))
 
 def _per_row(x, cls):           # x (…, N) weights, cls (B, N, C) or (S, N, C) → (…, C)
     return x @ cls if x.dim() == cls.dim() else (x.unsqueeze(-2) @ cls).squeeze(-2)
@@ -307,6 +308,25 @@ class RegionReadout(nn.Module):
         return torch.cat([total, left], -1)
     def forward(self, h, cls, visited=None):
         return h + self.out(F.gelu(self.inp(torch.cat([self.norm(h), self.counts(h, cls, visited)], -1))))
+
+# %% ../nbs/05_model.ipynb #e6ca4c7c
+def prompt_bag(input_ids:torch.Tensor, # (B, T) token ids
+               keep:torch.Tensor,      # (B, T) bool: the prompt's positions (unpadded; in training, the unlabelled ones)
+               n_words:int) -> torch.Tensor: # V0: the LLM's own vocabulary (no `<image>`, no code tokens)
+    "(B, V0) float: 1 for each word id that occurs at a kept position, 0 elsewhere."
+    ok = keep.to(input_ids.device) & (input_ids < n_words)
+    bag = torch.zeros(input_ids.shape[0], n_words, device=input_ids.device)
+    return bag.scatter_add_(1, torch.where(ok, input_ids, 0), ok.float()).clamp(max=1)
+
+class CopyBias(nn.Module):
+    "g(h) on every word of the prompt's bag: states (…, H), bag (B, V0) or (S, V0) → (…, V0) logit bonus; g starts at zero."
+    def __init__(self, hidden:int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.gate.weight); nn.init.zeros_(self.gate.bias)
+    def forward(self, h, bag):
+        b = bag if h.dim() == bag.dim() else bag[:, None, :]                # (B, T, H) states read (B, 1, V0)
+        return self.gate(h) * b.to(h.dtype)                                  # (…, 1) · (…, V0)
 
 # %% ../nbs/05_model.ipynb #d90c3f67
 @dataclass
@@ -368,6 +388,9 @@ class MedSightForCausalLM(PreTrainedModel):
         if cfg.llm.region_readout and not cfg.llm.name_pointer:
             raise ConfigError("the region readout counts the name pointer's region classes", field='llm.region_readout', hint='set llm.name_pointer=true too')
         self.region_readout = RegionReadout(H, len(config.classes)) if cfg.llm.region_readout else None
+        if cfg.llm.copy_bias and not cfg.llm.code_pointer:
+            raise ConfigError("the copy bias rides the code pointer's context", field='llm.copy_bias', hint='set llm.code_pointer=true too, or llm.copy_bias=false')
+        self.copy_bias = CopyBias(H) if cfg.llm.copy_bias else None
         self.region_dedup = cfg.llm.region_dedup                    # None: every region token keeps its classes
         fnd = set(getattr(config, 'findings', None) or ())          # configs saved before `findings` existed: none
         self.register_buffer('findings', torch.tensor([c in fnd for c in config.classes], dtype=torch.bool), persistent=False)
@@ -494,6 +517,7 @@ def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) ->
         p = self.code_pointer(h, ptr.keys, ptr.visited, ptr.cls).float().softmax(-1)     # (…, N) where the pointer points
         new = new + self.pointer_logprobs(h, ptr, p=p).to(new.dtype)
         if ptr.cls is not None and len(self.name_ids): base = base + self.name_bias(p, ptr).to(base.dtype)
+    if self.copy_bias is not None and ptr is not None and ptr.bag is not None: base = base + self.copy_bias(h, ptr.bag).to(base.dtype)
     return torch.cat([base, torch.full_like(new[..., :1], torch.finfo(new.dtype).min), new], -1)
 
 @patch
@@ -729,6 +753,9 @@ def forward(self:MedSightForCausalLM,
             modality=None) -> MedSightOutput: # (B,) bank ids (−1 unknown) for the code pointer; None: predicted from CLS
     "LM loss on labelled tokens + λ·(Dice + BCE) of the masks decoded at supervised code tokens."
     emb, pout, ptr = self.input_embeds(input_ids, pixel_values, modality)
+    if ptr is not None and self.copy_bias is not None:                          # the prompt's words: unlabelled, unpadded positions
+        keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        ptr.bag = prompt_bag(input_ids, keep if labels is None else keep & (labels.to(keep.device) == -100), self.config.first_new_id)
     if position_ids is None and attention_mask is not None and past_key_values is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     h, cache = self.run_backbone(emb, attention_mask, position_ids, past_key_values, use_cache)   # (B, T, H)
@@ -843,6 +870,7 @@ def generate_codes(self:MedSightForCausalLM,
     attn = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
     stop = torch.tensor(stop_ids or self.stop_ids(), device=dev)
     emb, pout, ptr = self.input_embeds(input_ids, pixel_values, modality)
+    if ptr is not None and self.copy_bias is not None: ptr.bag = prompt_bag(input_ids, attn.bool(), self.config.first_new_id)   # (B, V0)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)                             # (B, T) left padding aware
     h, cache = self.run_backbone(emb, attn, pos, None, True)
     ptr = self.pointer_keys(h, ptr)

@@ -963,8 +963,9 @@ def llm_spec(cfg:RunConfig, stage:str) -> StageSpec:
         spec = replace(spec, trains=['llm', 'code_tokens', 'proj_v2t', 'proj_t2v'], title='Instruction tuning (full LLM)')
     if stage in ('4', '5') and cfg.llm.code_pointer: spec = replace(spec, trains=spec.trains + ['code_pointer'])
     if stage in ('4', '5') and cfg.llm.region_readout: spec = replace(spec, trains=spec.trains + ['region_readout'])
+    if stage in ('4', '5') and cfg.llm.copy_bias: spec = replace(spec, trains=spec.trains + ['copy_bias'])
     if stage in ('4', '5') and cfg.llm.pointer_intent: spec = replace(spec, losses=spec.losses + ['intent'])
-    new_modules = ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout')   # what the lr multipliers apply to
+    new_modules = ('code_tokens', 'proj_v2t', 'proj_t2v', 'code_pointer', 'region_readout', 'copy_bias')   # what the lr multipliers apply to
     if bad := [k for k in cfg.train.lr_scales if k not in new_modules]:
         raise ConfigError(f'train.lr_scales names {bad}, which are not new modules of the LLM stages', field='train.lr_scales',
                           hint='keys: ' + ', '.join(new_modules))
