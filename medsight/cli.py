@@ -309,7 +309,7 @@ def _device_name():
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f'{platform.machine()} CPU ({torch.get_num_threads()} threads)'
 
 # %% ../nbs/10_cli.ipynb #64dd62e0
-DEMO_STEPS = {'1': 460, '2': 150, '3': 15, '4': 30, '5': 450}   # the tiny preset's schedule (700/300/30/60/900): stage 1 at 2/3, the rest at half
+DEMO_STEPS = {'1': 460, '2': 150, '3': 15, '4': 30, '5': 450}   # the tiny preset's schedule (1000/300/30/60/900), shortened: stage 1 at 0.46, the rest at half
 FAST_STEPS = {'1': 10, '2': 5, '3': 2, '4': 2, '5': 4}
 
 def _prepare_demo(out:Path, want:dict, quiet:bool) -> tuple:

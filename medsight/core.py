@@ -297,7 +297,7 @@ PRESETS = {
     'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True,
                                      pointer_intent=True, copy_bias=True),
-                       train=TrainConfig(steps={'1': 700, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
+                       train=TrainConfig(steps={'1': 1000, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
     'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True,
                                      pointer_features=True, region_readout=True),
