@@ -197,6 +197,7 @@ class LLMConfig:
     name_pointer:bool = False    # class-name words (one-token names) get log(α + p(class | the region the pointer points at)) (ours; needs code_pointer)
     name_floor:float = 0.1       # α: the name pointer's floor, so a word for no region on the image costs at most log α
     region_dedup:float|None = None # mark duplicate and empty regions no-object in the evidence and the name pointer: a region overlapping a stronger one of its group (findings together) by more than this share of the smaller mask (ours; None: off)
+    asked_readout:bool = False     # the region readout also reads the summed class probabilities of the findings the prompt names ("a tumour?"), over all regions and those not yet named (ours; needs region_readout)
     region_readout:bool = False    # add to each text state what the image holds: per class, the region tokens' summed class probabilities, all and not yet named, through a small MLP, so words such as yes/no and numbers can read the image directly (ours; needs llm.name_pointer)
     pointer_features:bool = False  # the code pointer's keys also read each region's evidence (classes, centre, size, peak), and a learned term for regions already named in the answer (ours; needs code_pointer)
     pointer_intent:bool = False    # the code pointer also guesses, from the state, which class the next code names, trained on the target region's classes, and scores each region by log(α + Σ_c q(c|h) p(c|region)) (ours; needs code_pointer)
@@ -296,7 +297,7 @@ def _paper_vision(): return VisionConfig(kind='clip', path='openai/clip-vit-larg
 PRESETS = {
     'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True,
-                                     pointer_intent=True, copy_bias=True),
+                                     pointer_intent=True, copy_bias=True, asked_readout=True),
                        train=TrainConfig(steps={'1': 1000, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
     'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True,

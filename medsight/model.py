@@ -294,9 +294,11 @@ def _per_row(x, cls):           # x (…, N) weights, cls (B, N, C) or (S, N, C)
 
 class RegionReadout(nn.Module):
     "What the image holds, added to a text state: h + W₂ GELU(W₁[LN(h), Σ_j p(·|j), Σ_j (1 − v_j) p(·|j)]), W₂ zero-initialised."
-    def __init__(self, hidden:int, n_classes:int, width:int=64):
+    def __init__(self, hidden:int, n_classes:int, width:int=64,
+                 asked:bool=False):  # also read two sums over the findings the prompt names (`llm.asked_readout`)
         super().__init__()
-        self.norm, self.inp = nn.LayerNorm(hidden), nn.Linear(hidden + 2 * n_classes, width)
+        self.asked = asked
+        self.norm, self.inp = nn.LayerNorm(hidden), nn.Linear(hidden + 2 * n_classes + 2 * asked, width)
         self.out = nn.Linear(width, hidden)
         nn.init.zeros_(self.out.weight); nn.init.zeros_(self.out.bias)       # starts as the identity
     def counts(self, h, cls, visited=None):
@@ -306,8 +308,19 @@ class RegionReadout(nn.Module):
         if h.dim() == cls.dim(): total = total[:, None].expand(-1, h.shape[1], -1)   # (B, T, C)
         left = total if visited is None else _per_row(1 - visited.to(h.dtype), cls)
         return torch.cat([total, left], -1)
-    def forward(self, h, cls, visited=None):
-        return h + self.out(F.gelu(self.inp(torch.cat([self.norm(h), self.counts(h, cls, visited)], -1))))
+    def asked_counts(self, counts, asked):
+        "(…, 2): the summed probabilities of the findings the prompt names, over all regions and those not yet named, from `counts` (…, 2C)."
+        C = counts.shape[-1] // 2
+        a = asked.to(counts.dtype)                                           # (B, C) or (S, C): 1 where the prompt names the finding
+        if counts.dim() == a.dim() + 1: a = a[:, None]                       # (B, 1, C) against (B, T, 2C)
+        total, left = counts[..., :C], counts[..., C:]
+        return torch.stack([(total * a).sum(-1), (left * a).sum(-1)], -1)
+    def forward(self, h, cls, visited=None, asked=None):
+        x = self.counts(h, cls, visited)                                     # (…, 2C)
+        if self.asked:                                                       # no bag of prompt words (a hand-built context): nothing asked
+            a = cls.new_zeros(*cls.shape[:-2], cls.shape[-1]) if asked is None else asked
+            x = torch.cat([x, self.asked_counts(x, a)], -1)         # (…, 2C + 2)
+        return h + self.out(F.gelu(self.inp(torch.cat([self.norm(h), x], -1))))
 
 # %% ../nbs/05_model.ipynb #e6ca4c7c
 def prompt_bag(input_ids:torch.Tensor, # (B, T) token ids
@@ -387,7 +400,9 @@ class MedSightForCausalLM(PreTrainedModel):
         self.register_buffer('name_ids', torch.full((len(config.classes) if cfg.llm.name_pointer else 0,), -1), persistent=False)
         if cfg.llm.region_readout and not cfg.llm.name_pointer:
             raise ConfigError("the region readout counts the name pointer's region classes", field='llm.region_readout', hint='set llm.name_pointer=true too')
-        self.region_readout = RegionReadout(H, len(config.classes)) if cfg.llm.region_readout else None
+        if cfg.llm.asked_readout and not (cfg.llm.region_readout and cfg.llm.name_pointer):
+            raise ConfigError('the asked readout extends the region readout', field='llm.asked_readout', hint='set llm.region_readout=true too, or llm.asked_readout=false')
+        self.region_readout = RegionReadout(H, len(config.classes), asked=cfg.llm.asked_readout) if cfg.llm.region_readout else None
         if cfg.llm.copy_bias and not cfg.llm.code_pointer:
             raise ConfigError("the copy bias rides the code pointer's context", field='llm.copy_bias', hint='set llm.code_pointer=true too, or llm.copy_bias=false')
         self.copy_bias = CopyBias(H) if cfg.llm.copy_bias else None
@@ -396,7 +411,7 @@ class MedSightForCausalLM(PreTrainedModel):
         self.register_buffer('findings', torch.tensor([c in fnd for c in config.classes], dtype=torch.bool), persistent=False)
         if not self.region_tokens and (cfg.llm.code_pointer or cfg.llm.region_evidence):
             raise ConfigError('the code pointer and region evidence work on region tokens', field='llm.region_tokens',
-                              hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false,llm.pointer_features=false,llm.region_readout=false,llm.pointer_intent=false')
+                              hint='with llm.region_tokens=false also set llm.code_pointer=false,llm.region_evidence=false,llm.name_pointer=false,llm.pointer_features=false,llm.region_readout=false,llm.pointer_intent=false,llm.copy_bias=false,llm.asked_readout=false')
 
 # %% ../nbs/05_model.ipynb #f5b32c8a
 @patch(as_prop=True)
@@ -508,9 +523,23 @@ def embed_tokens(self:MedSightForCausalLM, ids:torch.Tensor) -> torch.Tensor: # 
     return emb
 
 @patch
+def needs_bag(self:MedSightForCausalLM) -> bool:
+    "Does anything read the prompt's bag of words (the copy bias, or the asked readout)?"
+    return self.copy_bias is not None or getattr(self.region_readout, 'asked', False)
+
+@patch
+def asked_findings(self:MedSightForCausalLM, ptr:PointerContext) -> tuple:
+    "For the asked readout: `(asked,)`, (B, C) or (S, C), 1 for each finding whose one-token name the prompt holds; () when off."
+    if not getattr(self.region_readout, 'asked', False) or ptr.bag is None: return ()
+    ok = (self.name_ids >= 0) & self.findings                                   # (C,) findings with a one-token name
+    asked = ptr.bag.new_zeros(*ptr.bag.shape[:-1], len(self.findings))
+    asked[..., ok] = ptr.bag[..., self.name_ids[ok]]
+    return (asked,)
+
+@patch
 def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) -> torch.Tensor: # (…, H) → (…, V)
     "Next-token logits over the extended vocabulary (`<image>` never wins); with `ptr`, code logits + log p(code | pointer)."
-    hw = h if self.region_readout is None or ptr is None or ptr.cls is None else self.region_readout(h, ptr.cls, ptr.visited)
+    hw = h if self.region_readout is None or ptr is None or ptr.cls is None else self.region_readout(h, ptr.cls, ptr.visited, *self.asked_findings(ptr))
     base = self._base_lm().get_output_embeddings()(hw)[..., :self.config.first_new_id]   # (…, V0) words: with the region counts
     new = h @ self.code_tokens.out_rows()[1:].to(h.dtype).T                             # (…, M·K)
     if ptr is not None and ptr.keys is not None:
@@ -753,7 +782,7 @@ def forward(self:MedSightForCausalLM,
             modality=None) -> MedSightOutput: # (B,) bank ids (−1 unknown) for the code pointer; None: predicted from CLS
     "LM loss on labelled tokens + λ·(Dice + BCE) of the masks decoded at supervised code tokens."
     emb, pout, ptr = self.input_embeds(input_ids, pixel_values, modality)
-    if ptr is not None and self.copy_bias is not None:                          # the prompt's words: unlabelled, unpadded positions
+    if ptr is not None and self.needs_bag():                                    # the prompt's words: unlabelled, unpadded positions
         keep = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         ptr.bag = prompt_bag(input_ids, keep if labels is None else keep & (labels.to(keep.device) == -100), self.config.first_new_id)
     if position_ids is None and attention_mask is not None and past_key_values is None:
@@ -870,7 +899,7 @@ def generate_codes(self:MedSightForCausalLM,
     attn = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(dev)
     stop = torch.tensor(stop_ids or self.stop_ids(), device=dev)
     emb, pout, ptr = self.input_embeds(input_ids, pixel_values, modality)
-    if ptr is not None and self.copy_bias is not None: ptr.bag = prompt_bag(input_ids, attn.bool(), self.config.first_new_id)   # (B, V0)
+    if ptr is not None and self.needs_bag(): ptr.bag = prompt_bag(input_ids, attn.bool(), self.config.first_new_id)   # (B, V0)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)                             # (B, T) left padding aware
     h, cache = self.run_backbone(emb, attn, pos, None, True)
     ptr = self.pointer_keys(h, ptr)
