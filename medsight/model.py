@@ -308,7 +308,8 @@ class RegionReadout(nn.Module):
         if h.dim() == cls.dim(): total = total[:, None].expand(-1, h.shape[1], -1)   # (B, T, C)
         left = total if visited is None else _per_row(1 - visited.to(h.dtype), cls)
         return torch.cat([total, left], -1)
-    def asked_counts(self, counts, asked):
+    @staticmethod
+    def asked_counts(counts, asked):
         "(…, 2): the summed probabilities of the findings the prompt names, over all regions and those not yet named, from `counts` (…, 2C)."
         C = counts.shape[-1] // 2
         a = asked.to(counts.dtype)                                           # (B, C) or (S, C): 1 where the prompt names the finding
