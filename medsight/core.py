@@ -194,7 +194,7 @@ class LLMConfig:
     pointer_dim:int = 128        # width of the pointer's query/key projections
     region_evidence:bool = False # region tokens also carry the perceiver's class probabilities and their mask's centre and size (ours)
     code_residual:bool = False   # a code token's mask query starts from its region's query (else W_m(code)), P_t→v adds to it (ours)
-    name_pointer:bool = False    # class-name words (one-token names) get log(α + p(class | the region the pointer points at)) (ours; needs code_pointer)
+    name_pointer:bool = False    # class names' first tokens (`name_token_ids`) get log(α + p(class | the region the pointer points at)) (ours; needs code_pointer)
     name_floor:float = 0.1       # α: the name pointer's floor, so a word for no region on the image costs at most log α
     region_dedup:float|None = None # mark duplicate and empty regions no-object in the evidence and the name pointer: a region overlapping a stronger one of its group (findings together) by more than this share of the smaller mask (ours; None: off)
     asked_readout:bool = False     # the region readout also reads the summed class probabilities of the findings the prompt names ("a tumour?"), over all regions and those not yet named (ours; needs region_readout)
@@ -205,6 +205,7 @@ class LLMConfig:
     geometry:bool = False          # region evidence states centre and size on a usable scale ((x − ½)·8, (y − ½)·8, log area + 5), and the code pointer adds a state-dependent preference over them (ours; needs pointer_features)
     copy_bias:bool = False         # every word the prompt holds gets g(h) added to its logit, g a zero-initialised head on the state, so a small LLM repeats the question's names (ours; needs code_pointer)
     region_tokens:bool = True    # the LLM sees the perceiver's region tokens after the patch tokens (False: patch tokens only; an ablation)
+    patch_pool:int = 1           # average-pool the encoder's patch grid by this factor before P_v→t: (grid / p)² patch tokens (ours; 2 quarters them, a shorter sequence for a CPU)
 
 @dataclass
 class TrainConfig:
@@ -299,10 +300,10 @@ PRESETS = {
                        llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True,
                                      pointer_intent=True, copy_bias=True, asked_readout=True),
                        train=TrainConfig(steps={'1': 1000, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
-    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
+    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True,
-                                     pointer_features=True, region_readout=True),
-                       train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 600, '2': 300, '3': 60, '4': 150, '5': 600})),
+                                     pointer_features=True, region_readout=True, pointer_intent=True, copy_bias=True, asked_readout=True),
+                       train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 1000, '2': 300, '3': 10, '4': 20, '5': 240})),
     'paper': RunConfig(preset='paper', vision=_paper_vision(),
                        perceiver=PerceiverConfig(n_queries=20, dim=256, heads=8, stages=3, mask_size=192),
                        codebook=CodebookConfig(modalities=DEFAULT_MODALITIES),

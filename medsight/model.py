@@ -395,7 +395,10 @@ class MedSightForCausalLM(PreTrainedModel):
                                         cfg.llm.geometry) if cfg.llm.code_pointer else None
         self.intent_weight = cfg.llm.intent_weight
         self.region_head = rm.region_head                           # `perceiver.refine_classes`: trained in stage 2, frozen here
-        self.region_tokens, self.name_floor = cfg.llm.region_tokens, cfg.llm.name_floor
+        self.region_tokens, self.name_floor, self.patch_pool = cfg.llm.region_tokens, cfg.llm.name_floor, cfg.llm.patch_pool
+        if self.patch_pool < 1 or self.encoder.grid % self.patch_pool:
+            raise ConfigError(f'llm.patch_pool={self.patch_pool} does not divide the encoder grid of {self.encoder.grid} patches a side', field='llm.patch_pool',
+                              hint=f'use a divisor of {self.encoder.grid} (1: no pooling)')
         if cfg.llm.name_pointer and not cfg.llm.code_pointer:
             raise ConfigError('the name pointer reuses the code pointer', field='llm.name_pointer', hint='set llm.code_pointer=true too, or llm.name_pointer=false')
         self.register_buffer('name_ids', torch.full((len(config.classes) if cfg.llm.name_pointer else 0,), -1), persistent=False)
@@ -422,9 +425,13 @@ def code_start(self:MedSightForCausalLM) -> int: return self.config.first_new_id
 @patch(as_prop=True)
 def vocab_size(self:MedSightForCausalLM) -> int: return self.code_start + self.codebook.M * self.codebook.K
 @patch(as_prop=True)
+def n_patches(self:MedSightForCausalLM) -> int:
+    "Patch tokens per image: (h / p)·(w / p) for `llm.patch_pool` = p."
+    return (self.encoder.grid // self.patch_pool) ** 2
+@patch(as_prop=True)
 def n_visual(self:MedSightForCausalLM) -> int:
-    "Tokens one `<image>` stands for: h·w patches + N regions (patches only with `llm.region_tokens=False`)."
-    return self.encoder.grid ** 2 + (self.perceiver.n_queries if self.region_tokens else 0)
+    "Tokens one `<image>` stands for: `n_patches` + N regions (patches only with `llm.region_tokens=False`)."
+    return self.n_patches + (self.perceiver.n_queries if self.region_tokens else 0)
 
 @patch
 def code_id(self:MedSightForCausalLM, m:int, k:int) -> int: return self.code_start + m * self.codebook.K + k
@@ -443,11 +450,12 @@ def _base_lm(self:MedSightForCausalLM):
 # %% ../nbs/05_model.ipynb #d55541b7
 IMAGE_TOKEN = '<image>'
 
-def name_token_ids(tokenizer, classes:list) -> torch.Tensor:
-    "Per class, the id of its name when the name is one token (with its leading space), else −1; (C,)."
+def name_token_ids(tokenizer, classes:list,
+                   min_chars:int=4) -> torch.Tensor: # the shortest first piece that may stand for a name of several tokens
+    "Per class, the id of the first token of its name (with its leading space), or −1 where another name starts with that token or a longer name's first piece is shorter than `min_chars`; (C,)."
     ids = [tokenizer.encode(' ' + c, add_special_tokens=False) for c in classes]
-    one = [t[0] if len(t) == 1 else -1 for t in ids]
-    return torch.tensor([i if i >= 0 and one.count(i) == 1 else -1 for i in one])
+    first = [t[0] if len(t) == 1 or (t and len(tokenizer.decode(t[:1]).strip()) >= min_chars) else -1 for t in ids]
+    return torch.tensor([i if i >= 0 and first.count(i) == 1 else -1 for i in first])
 
 @patch
 def extend_vocab(self:MedSightForCausalLM, tokenizer) -> dict:
@@ -530,9 +538,9 @@ def needs_bag(self:MedSightForCausalLM) -> bool:
 
 @patch
 def asked_findings(self:MedSightForCausalLM, ptr:PointerContext) -> tuple:
-    "For the asked readout: `(asked,)`, (B, C) or (S, C), 1 for each finding whose one-token name the prompt holds; () when off."
+    "For the asked readout: `(asked,)`, (B, C) or (S, C), 1 for each finding whose name token (`name_token_ids`) the prompt holds; () when off."
     if not getattr(self.region_readout, 'asked', False) or ptr.bag is None: return ()
-    ok = (self.name_ids >= 0) & self.findings                                   # (C,) findings with a one-token name
+    ok = (self.name_ids >= 0) & self.findings                                   # (C,) findings with a name token
     asked = ptr.bag.new_zeros(*ptr.bag.shape[:-1], len(self.findings))
     asked[..., ok] = ptr.bag[..., self.name_ids[ok]]
     return (asked,)
@@ -560,7 +568,7 @@ def pointer_logprobs(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContex
 
 @patch
 def name_bias(self:MedSightForCausalLM, p:torch.Tensor, ptr:PointerContext) -> torch.Tensor: # (…, N) pointer probabilities
-    "Name pointer: log(α + Σ_j p_j · p(class | region j)) on each one-token class name, 0 elsewhere: (…, V0)."
+    "Name pointer: log(α + Σ_j p_j · p(class | region j)) on each class's name token, 0 elsewhere: (…, V0)."
     cls = ptr.cls.float()
     pc = p @ cls if p.dim() == cls.dim() else (p.unsqueeze(-2) @ cls).squeeze(-2)  # (B, T, N)·(B, N, C) or (S, N)·(S, N, C) → (…, C)
     ok = self.name_ids >= 0
@@ -607,9 +615,18 @@ def evidence(self:MedSightForCausalLM, out:PerceiverOutput) -> torch.Tensor: # �
 def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
     "Patch + region tokens in the LLM's width (B, h·w + N, H), the perceiver's output (with its cache) and CLS."
     patches, cls, out = self.regions_of(pixel_values)
-    if not self.region_tokens: return self.proj_v2t.patches(patches), out, cls        # the ablation: (B, h·w, H)
+    pt = self.proj_v2t.patches(self.pool_patches(patches))                             # (B, n_patches, H)
+    if not self.region_tokens: return pt, out, cls                                      # the ablation: patches only
     ev = self.evidence(out) if self.proj_v2t.evidence is not None else None
-    return torch.cat([self.proj_v2t.patches(patches), self.proj_v2t.regions(out.queries, ev)], 1), out, cls
+    return torch.cat([pt, self.proj_v2t.regions(out.queries, ev)], 1), out, cls
+
+@patch
+def pool_patches(self:MedSightForCausalLM, patches:torch.Tensor) -> torch.Tensor: # (B, h·w, D) → (B, n_patches, D)
+    "Average-pool the patch grid by `llm.patch_pool` (the identity at 1)."
+    p, g = self.patch_pool, self.encoder.grid
+    if p == 1: return patches
+    x = patches.transpose(1, 2).reshape(len(patches), -1, g, g)                        # (B, D, h, w)
+    return F.avg_pool2d(x, p).flatten(2).transpose(1, 2)                                # (B, h·w / p², D)
 
 @patch
 def input_embeds(self:MedSightForCausalLM, input_ids:torch.Tensor, pixel_values:torch.Tensor=None, modality=None):
@@ -830,7 +847,7 @@ def token_kinds(model:MedSightForCausalLM, input_ids, labels=None) -> np.ndarray
     img = (ids == model.image_token_id).nonzero()[:, 0]
     for j0 in range(0, len(img), model.n_visual):                 # each image: patches, then regions
         blk = img[j0:j0 + model.n_visual]
-        k[blk[:model.encoder.grid ** 2]], k[blk[model.encoder.grid ** 2:]] = 1, 2
+        k[blk[:model.n_patches]], k[blk[model.n_patches:]] = 1, 2
     k[model.is_code(ids)] = 4
     if model.tokenizer is not None and model.tokenizer.pad_token_id is not None and labels is not None:
         k[(ids == model.tokenizer.pad_token_id) & (lab == -100)] = 5
