@@ -613,7 +613,7 @@ def evidence(self:MedSightForCausalLM, out:PerceiverOutput) -> torch.Tensor: # â
 
 @patch
 def visual_tokens(self:MedSightForCausalLM, pixel_values:torch.Tensor): # (B, 3, S, S) normalised
-    "Patch + region tokens in the LLM's width (B, hÂ·w + N, H), the perceiver's output (with its cache) and CLS."
+    "Patch + region tokens in the LLM's width (B, n_patches + N, H), the perceiver's output (with its cache) and CLS."
     patches, cls, out = self.regions_of(pixel_values)
     pt = self.proj_v2t.patches(self.pool_patches(patches))                             # (B, n_patches, H)
     if not self.region_tokens: return pt, out, cls                                      # the ablation: patches only
