@@ -217,11 +217,12 @@ def baseline_unet(data:str=None,        # the grounded dataset
                   predictions:str=None, # medsight's predictions.jsonl (default RUN/eval_SPLIT/predictions.jsonl)
                   split:str='test',     # split to score
                   seed:int=0,           # random seed
+                  val_every:int=250,    # steps between validations; the best validation Dice's weights are kept (0: the last)
                   quiet:bool=False):    # no progress bar
     "Train a class-wise MONAI UNet for the same CPU budget and compare its Dice with medsight's on the questions it can answer."
     from medsight.eval import unet_baseline
     out = Path(out) if out else (Path(run)/'baseline_unet' if run else Path('baseline_unet'))
-    m = unet_baseline(_need(data, '--data'), out, budget_s, run, predictions, split, progress=not quiet, seed=seed)
+    m = unet_baseline(_need(data, '--data'), out, budget_s, run, predictions, split, progress=not quiet, seed=seed, val_every=val_every)
     print(json.dumps({**m['overall'], **({'vs_medsight': m['compare']['overall']} if 'compare' in m else {})}))
     print(f'[baseline] wrote {out}/metrics.json and report.md', file=sys.stderr)
 

@@ -16,8 +16,9 @@ __all__ = ['ARTICLES', 'MASK_TOKEN_SCHEMES', 'PAPER_WAY', 'ABLATIONS', 'NOISE', 
            'diagnoses_of', 'score_answer', 'confusion', 'count_table', 'summarize', 'dice_budget', 'name_echo',
            'evaluate', 'metrics_table', 'budget_md', 'names_md', 'report_md', 'stage_costs', 'generation_costs',
            'cost_md', 'plot_per_modality', 'plot_confusion', 'plot_cases', 'evaluate_run', 'region_figures',
-           'ClassUNet', 'class_targets', 'unet_loss', 'class_questions', 'seg_summary', 'evaluate_unet', 'run_wall_s',
-           'train_unet', 'load_unet', 'compare_to_unet', 'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
+           'ClassUNet', 'class_targets', 'unet_loss', 'class_questions', 'seg_summary', 'unet_inputs', 'unet_masks',
+           'evaluate_unet', 'mask_dice', 'run_wall_s', 'unet_over_budget', 'train_unet', 'load_unet', 'compare_to_unet',
+           'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
 
 # %% ../nbs/08_eval.ipynb #3adb10ed
 def _as_bool(m, name='mask'):
@@ -539,24 +540,41 @@ def seg_summary(recs:list) -> dict:
     by = lambda key: {k: _seg_pool([r for r in recs if r[key] == k]) for k in sorted({r[key] for r in recs}, key=str)}
     return _round(dict(overall=_seg_pool(recs), per_modality=by('modality'), per_task=by('task')))
 
+def unet_inputs(samples:list, qs:list, size:int=64) -> tuple:
+    "The letterboxed images of `class_questions` `qs`: a (Q, 3, S, S) tensor and the boxes that undo the letterbox."
+    from medsight.vision import to_image_tensor, letterbox
+    if not qs: return torch.zeros(0, 3, size, size), []
+    xs, boxes = zip(*(letterbox(to_image_tensor(samples[i]['image']), size) for i, _, _ in qs))
+    return torch.stack(xs), list(boxes)
+
 @torch.no_grad()
+def unet_masks(model:ClassUNet, samples:list, qs:list, size:int=64, batch_size:int=32, inputs=None) -> list:
+    "The UNet's mask for each question's class, at the image's own size: one H×W bool array per question of `qs`."
+    from medsight.vision import unletterbox
+    model.eval(); dev = next(model.parameters()).device
+    xs, boxes = inputs or unet_inputs(samples, qs, size)
+    out = []
+    for s in range(0, len(qs), batch_size):
+        logits = model(xs[s:s + batch_size].to(dev)).float().cpu()            # (b, C, S, S)
+        for (i, c, target), lg, box in zip(qs[s:s + batch_size], logits, boxes[s:s + batch_size]):
+            out.append((unletterbox(lg[c][None], box, target.shape)[0] > 0).numpy())
+    return out
+
 def evaluate_unet(model:ClassUNet, samples:list, classes:list, size:int=64, batch_size:int=32) -> list:
     "Score the UNet on `class_questions`: one record per question (id, modality, task, class, dice, iou, hd95)."
-    from medsight.vision import to_image_tensor, letterbox, unletterbox
-    model.eval(); dev = next(model.parameters()).device
-    qs, recs = class_questions(samples, classes), []
-    for s in range(0, len(qs), batch_size):
-        part = qs[s:s + batch_size]
-        imgs, boxes = [], []
-        for i, _, _ in part:
-            x, box = letterbox(to_image_tensor(samples[i]['image']), size)
-            imgs.append(x); boxes.append(box)
-        logits = model(torch.stack(imgs).to(dev)).float().cpu()                # (b, C, S, S)
-        for (i, c, target), lg, box in zip(part, logits, boxes):
-            pred = (unletterbox(lg[c][None], box, target.shape)[0] > 0).numpy()
-            x = samples[i]
-            recs.append(dict(id=x.get('id'), modality=x['modality'], task=x.get('task') or 'other', cls=classes[c], **seg_metrics(pred, target)))
+    qs = class_questions(samples, classes)
+    recs = []
+    for (i, c, target), pred in zip(qs, unet_masks(model, samples, qs, size, batch_size)):
+        x = samples[i]
+        recs.append(dict(id=x.get('id'), modality=x['modality'], task=x.get('task') or 'other', cls=classes[c], **seg_metrics(pred, target)))
     return recs
+
+def mask_dice(pred, target) -> float:
+    "Dice of two bool masks with `seg_metrics`' empty rule (both empty: 1), in numpy: cheap enough to run every few hundred steps."
+    p, t = _as_bool(pred), _as_bool(target)
+    tot = int(p.sum()) + int(t.sum())
+    return 1.0 if tot == 0 else 2.0 * int((p & t).sum()) / tot
+
 
 # %% ../nbs/08_eval.ipynb #b8a936ea
 def run_wall_s(run) -> float:
@@ -567,19 +585,31 @@ def run_wall_s(run) -> float:
         if p.exists(): tot += json.loads(p.read_text()).get('wall_s', 0.0)
     return tot
 
-def train_unet(data_dir,                 # the grounded dataset (its train split trains, val/test score)
-               out,                      # the baseline's directory (checkpoint, metrics)
-               budget_s:float,           # wall-clock training budget in seconds
+def unet_over_budget(done:int,      # optimiser steps done
+                     used_s:float,  # seconds used so far, training and validation
+                     budget_s:float # the budget
+                    ) -> bool:
+    "Would one more step overrun the budget, at the pace so far?"
+    return done > 0 and used_s * (done + 1) / done > budget_s
+
+def train_unet(data_dir,                 # the grounded dataset (its train split trains, its val split picks the checkpoint)
+               out,                      # the baseline's directory (checkpoint, best/, selection.json, metrics)
+               budget_s:float,           # wall-clock budget in seconds, training and validation together
                batch_size:int=16, lr:float=2e-3, size:int=64, seed:int=0,
                channels=(16, 32, 64, 128),
+               val_every:int=250,        # optimiser steps between validations (0, or no val split: keep the last weights)
                progress:bool=True, datasets=None) -> tuple:
-    "Train the class-wise UNet for about `budget_s` seconds; return `(model, classes, fit metrics)`. Re-running resumes."
+    "Train the class-wise UNet for about `budget_s` seconds, keeping the weights with the best validation Dice; return `(model, classes, fit metrics)`. Re-running resumes."
     import copy, time
-    from medsight.train import fit, StageSpec, region_batches, load_region_data, is_done
-    from medsight.core import RunConfig
+    from medsight.train import fit, StageSpec, region_batches, load_region_data, save_checkpoint, load_weights, find_checkpoint
     out = Path(out)
     if budget_s <= 0: raise ConfigError(f'the budget must be positive, got {budget_s}', field='--budget_s')
     info, classes, data = datasets or load_region_data(data_dir, size, splits=('train',))
+    val = []
+    if val_every:
+        try: val = _load_split(data_dir, 'val')[0]
+        except DataError: pass                                              # no val split: the last weights are kept
+    vq = class_questions(val, classes)
     set_seed(seed)
     model = ClassUNet(len(classes), channels)
     batches = region_batches(data['train'], batch_size, seed)
@@ -592,17 +622,47 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
         for i in range(10):                                                 # by up to 24 %); still an estimate: the report gives the real time
             t0 = time.perf_counter(); opt.zero_grad(); unet_loss(probe, batches(i))['loss'].backward(); opt.step()
             dts.append(time.perf_counter() - t0)
-        steps = max(10, int(budget_s / float(np.median(dts))))
-        atomic_write_text(plan, json.dumps(dict(steps=steps, budget_s=budget_s, classes=classes, channels=list(channels), size=size)))
+        per_step = float(np.median(dts))
+        if vq:                                                              # a validation's cost, shared over the steps between two
+            t0 = time.perf_counter(); unet_masks(probe, val, vq, size); per_step += (time.perf_counter() - t0) / val_every
+        steps = max(10, int(budget_s / per_step))
+        atomic_write_text(plan, json.dumps(dict(steps=steps, budget_s=budget_s, classes=classes, channels=list(channels), size=size,
+                                                val_every=val_every if vq else 0, val_questions=len(vq))))
     spec = StageSpec('unet', 'class-wise UNet baseline', trains=['net'], losses=['dice', 'bce'], data='masks')
-    m = fit(model, spec, unet_loss, batches, steps, out, lr, seed=seed, progress=progress, log_every=10)
-    return model, classes, m
+    kw = dict(seed=seed, progress=progress, log_every=10)
+    if not vq:
+        return model, classes, fit(model, spec, unet_loss, batches, steps, out, lr, **kw)
+    every = json.loads(plan.read_text()).get('val_every') or val_every
+    sel_file = out/'selection.json'
+    sel = json.loads(sel_file.read_text()) if sel_file.exists() else dict(val_every=every, val_questions=len(vq), history=[], stopped=None)
+    m = None
+    if sel['stopped'] is None:
+        ck = find_checkpoint(out)
+        at = json.loads((ck/'train_state.json').read_text())['step'] if ck else 0
+        sel['history'] = [h for h in sel['history'] if h['step'] <= at]    # steps after the checkpoint run again, identically
+        inputs = unet_inputs(val, vq, size)
+        def validate(tr, step):                                            # the trainer's hook, after every step
+            used = tr.prev['wall_s'] + time.perf_counter() - tr.t0
+            over = unet_over_budget(step, used, budget_s)
+            if step % every and step < steps and not over: return False
+            d = float(np.mean([mask_dice(p, q[2]) for p, q in zip(unet_masks(tr.model, val, vq, size, inputs=inputs), vq)]))
+            sel['history'].append(dict(step=step, dice=round(d, 6), wall_s=round(tr.prev['wall_s'] + time.perf_counter() - tr.t0, 3)))
+            if sel.get('best_step') is None or d > sel['best_dice']:            # ties keep the earlier step
+                save_checkpoint(out/'best', tr.model, step=step, extra=dict(val_dice=d), trainable_only=False)
+                sel.update(best_step=step, best_dice=round(d, 6))
+            if step >= steps or over: sel['stopped'] = 'plan' if step >= steps else 'budget'
+            atomic_write_text(sel_file, json.dumps(sel, indent=1))
+            return over
+        m = fit(model, spec, unet_loss, batches, steps, out, lr, on_step=validate, ckpt_every=every, **kw)
+    load_weights(model, out/'best')
+    last = sel['history'][-1]
+    return model.eval(), classes, dict(m or {}, step=last['step'], steps=steps, wall_s=max(last['wall_s'], (m or {}).get('wall_s', 0)), selection=sel)
 
 def load_unet(out) -> ClassUNet:
-    "The trained baseline of `train_unet`."
+    "The trained baseline of `train_unet`: the weights it kept (the best validation Dice, or the last step without a val split)."
     from medsight.train import load_weights
-    p = json.loads((Path(out)/'plan.json').read_text())
-    model = ClassUNet(len(p['classes']), p['channels']); load_weights(model, out)
+    p, out = json.loads((Path(out)/'plan.json').read_text()), Path(out)
+    model = ClassUNet(len(p['classes']), p['channels']); load_weights(model, out/'best' if (out/'best'/'checkpoint.json').exists() else out)
     return model.eval()
 
 # %% ../nbs/08_eval.ipynb #62011a9c
@@ -642,11 +702,19 @@ def unet_baseline(data_dir,             # the grounded dataset
     samples, info = _load_split(data_dir, split, n)
     recs = evaluate_unet(model, samples, classes)
     metrics = seg_summary(recs)
+    sel = fm.get('selection')
+    wall = fm['wall_s']
     metrics['meta'] = dict(data=Path(data_dir).name, split=split, n=len(samples), questions=len(recs), budget_s=round(float(budget_s), 1),
-                           steps=fm['steps'], wall_s=round(fm['wall_s'], 1), model='monai UNet', classes=classes)
+                           steps=fm['step'], planned_steps=fm['steps'], wall_s=round(wall, 1), model='monai UNet', classes=classes)
+    kept = 'kept its last weights (no validation questions)'
+    if sel:
+        metrics['meta'].update(kept_step=sel['best_step'], val_dice=sel['best_dice'], val_questions=sel['val_questions'], stopped=sel['stopped'])
+        kept = (f"validated every {sel['val_every']} steps on the {sel['val_questions']} such questions of `val`, "
+                f"kept step {sel['best_step']} (validation Dice {sel['best_dice']:.3f}); it stopped at the end of its {'plan' if sel['stopped'] == 'plan' else 'budget'}")
     lines = ['# Class-wise UNet baseline', '',
-             f"MONAI 2-D UNet, one channel per class ({len(classes)}), trained {fm['steps']} steps in {fm['wall_s']:.0f}s "
-             f"(budget {budget_s:.0f}s); scored on the {len(recs)} questions of `{split}` whose reference regions are all the image's regions of one class.", '',
+             f"MONAI 2-D UNet, one channel per class ({len(classes)}), trained {fm['step']} steps in {wall:.0f}s "
+             f"(budget {budget_s:.0f}s, training and validation); {kept}. "
+             f"Scored on the {len(recs)} questions of `{split}` whose reference regions are all the image's regions of one class.", '',
              '| modality | questions | Dice | IoU | HD95 px |', '|---|---|---|---|---|']
     lines += [f"| {k} | {v['n']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} | {_fmt(v['hd95'])} |" for k, v in {**metrics['per_modality'], 'all': metrics['overall']}.items()]
     pred = Path(predictions) if predictions else (Path(run)/f'eval_{split}'/'predictions.jsonl' if run else None)

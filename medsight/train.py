@@ -451,6 +451,7 @@ class Trainer:
                  stop_at:int=None,     # stop after this many steps (a budget; the schedule still spans `steps`)
                  progress:bool=True,   # show a tqdm bar
                  val_fn=None,          # `val_fn(model) -> dict` run at the end, in eval mode, without grad
+                 on_step=None,         # `on_step(trainer, step) -> bool` after each optimiser step (every rank; its time counts in `wall_s`): True ends the run there
                  device=None,          # where to train (default `get_device()`)
                  amp_dtype='auto',     # autocast dtype: 'auto' (bf16 on CUDA, off elsewhere), None, or a torch dtype
                  trainable_only:bool=True, # checkpoints hold trainable parameters only (frozen ones are rebuilt)
@@ -460,6 +461,7 @@ class Trainer:
         self.out_dir, self.lr, self.weight_decay, self.warmup_frac, self.clip = Path(out_dir), lr, weight_decay, warmup_frac, clip
         self.grad_accum, self.seed, self.log_every, self.ckpt_every, self.stop_at = max(1, int(grad_accum)), seed, max(1, log_every), ckpt_every, stop_at
         self.progress, self.val_fn, self.trainable_only, self.no_decay, self.config = progress, val_fn, trainable_only, no_decay, config
+        self.on_step = on_step
         self.rank, self.world = 0, 1
         if int(os.environ.get('WORLD_SIZE', '1')) > 1:            # under `accelerate launch` / torchrun: one process per device
             self.rank, self.world, device = init_distributed()
@@ -704,11 +706,15 @@ def fit(self:Trainer, resume:bool=True) -> dict:
         try:
             for step in range(start, stop):
                 t = time.perf_counter(); res = self.train_step(step); self.track(res, time.perf_counter() - t)
+                if self.on_step is not None and self.on_step(self, step + 1):          # the caller ends the run here
+                    stop = step + 1
+                set_train_mode(self.model, self.spec.eval_frozen)                     # whatever the hook did to the modes
                 if (step + 1) % self.log_every == 0 or step + 1 == stop:
                     rec = self.log(step + 1)
                     if bar: bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
                 if bar: bar.update(1)
                 if self.ckpt_every and (step + 1) % self.ckpt_every == 0 and step + 1 < stop: self.save(step + 1)
+                if step + 1 == stop: break
             step = stop
         except KeyboardInterrupt:
             if step > self.last_saved:
