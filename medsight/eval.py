@@ -17,8 +17,8 @@ __all__ = ['ARTICLES', 'MASK_TOKEN_SCHEMES', 'PAPER_WAY', 'ABLATIONS', 'NOISE', 
            'evaluate', 'metrics_table', 'budget_md', 'names_md', 'report_md', 'stage_costs', 'generation_costs',
            'cost_md', 'plot_per_modality', 'plot_confusion', 'plot_cases', 'evaluate_run', 'region_figures',
            'ClassUNet', 'class_targets', 'unet_loss', 'class_questions', 'seg_summary', 'unet_inputs', 'unet_masks',
-           'evaluate_unet', 'mask_dice', 'run_wall_s', 'unet_over_budget', 'train_unet', 'load_unet', 'compare_to_unet',
-           'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
+           'evaluate_unet', 'mask_dice', 'run_wall_s', 'unet_over_budget', 'unet_replan', 'train_unet', 'load_unet',
+           'compare_to_unet', 'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
 
 # %% ../nbs/08_eval.ipynb #3adb10ed
 def _as_bool(m, name='mask'):
@@ -592,12 +592,23 @@ def unet_over_budget(done:int,      # optimiser steps done
     "Would one more step overrun the budget, at the pace so far?"
     return done > 0 and used_s * (done + 1) / done > budget_s
 
+def unet_replan(step:int,       # steps done when the pace is measured
+                used_s:float,   # seconds they took
+                val_s:float,    # seconds one validation took
+                every:int,      # steps between validations (0: none)
+                budget_s:float  # the budget
+               ) -> int:
+    "The plan's new length: the steps done, plus the steps the rest of the budget pays for at the measured pace, validations included."
+    pace = used_s / step + (val_s / every if every else 0.0)
+    return step + max(1, int((budget_s - used_s - val_s) / pace))
+
 def train_unet(data_dir,                 # the grounded dataset (its train split trains, its val split picks the checkpoint)
-               out,                      # the baseline's directory (checkpoint, best/, selection.json, metrics)
+               out,                      # the baseline's directory (checkpoint, best/, plan.json, selection.json, metrics)
                budget_s:float,           # wall-clock budget in seconds, training and validation together
                batch_size:int=16, lr:float=2e-3, size:int=64, seed:int=0,
                channels=(16, 32, 64, 128),
                val_every:int=250,        # optimiser steps between validations (0, or no val split: keep the last weights)
+               calibrate:int=50,         # after this many steps the plan is made again from the pace measured in training
                progress:bool=True, datasets=None) -> tuple:
     "Train the class-wise UNet for about `budget_s` seconds, keeping the weights with the best validation Dice; return `(model, classes, fit metrics)`. Re-running resumes."
     import copy, time
@@ -610,53 +621,64 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
         try: val = _load_split(data_dir, 'val')[0]
         except DataError: pass                                              # no val split: the last weights are kept
     vq = class_questions(val, classes)
+    every = val_every if vq else 0
     set_seed(seed)
     model = ClassUNet(len(classes), channels)
     batches = region_batches(data['train'], batch_size, seed)
-    plan = out/'plan.json'
-    if plan.exists(): steps = json.loads(plan.read_text())['steps']      # resume with the schedule it started with
-    else:
+    plan, sel_file = out/'plan.json', out/'selection.json'
+    if not plan.exists():                       # a first guess from ten untimed-setup steps; the run re-plans at `calibrate`
         probe = copy.deepcopy(model); opt = torch.optim.AdamW(probe.parameters(), lr)
-        unet_loss(probe, batches(0))['loss'].backward(); opt.step()         # warm-up, untimed
-        dts = []                                                            # the median of 10 timed steps (3 misjudged the pace
-        for i in range(10):                                                 # by up to 24 %); still an estimate: the report gives the real time
+        unet_loss(probe, batches(0))['loss'].backward(); opt.step()
+        dts = []
+        for i in range(10):
             t0 = time.perf_counter(); opt.zero_grad(); unet_loss(probe, batches(i))['loss'].backward(); opt.step()
             dts.append(time.perf_counter() - t0)
-        per_step = float(np.median(dts))
-        if vq:                                                              # a validation's cost, shared over the steps between two
-            t0 = time.perf_counter(); unet_masks(probe, val, vq, size); per_step += (time.perf_counter() - t0) / val_every
-        steps = max(10, int(budget_s / per_step))
-        atomic_write_text(plan, json.dumps(dict(steps=steps, budget_s=budget_s, classes=classes, channels=list(channels), size=size,
-                                                val_every=val_every if vq else 0, val_questions=len(vq))))
-    spec = StageSpec('unet', 'class-wise UNet baseline', trains=['net'], losses=['dice', 'bce'], data='masks')
-    kw = dict(seed=seed, progress=progress, log_every=10)
-    if not vq:
-        return model, classes, fit(model, spec, unet_loss, batches, steps, out, lr, **kw)
-    every = json.loads(plan.read_text()).get('val_every') or val_every
-    sel_file = out/'selection.json'
+        atomic_write_text(plan, json.dumps(dict(steps=max(10, int(budget_s / float(np.median(dts)))), budget_s=budget_s, classes=classes,
+                                                channels=list(channels), size=size, val_every=every, val_questions=len(vq))))
+    every = json.loads(plan.read_text()).get('val_every', every)              # resume with the settings it started with
     sel = json.loads(sel_file.read_text()) if sel_file.exists() else dict(val_every=every, val_questions=len(vq), history=[], stopped=None)
-    m = None
-    if sel['stopped'] is None:
-        ck = find_checkpoint(out)
-        at = json.loads((ck/'train_state.json').read_text())['step'] if ck else 0
-        sel['history'] = [h for h in sel['history'] if h['step'] <= at]    # steps after the checkpoint run again, identically
-        inputs = unet_inputs(val, vq, size)
-        def validate(tr, step):                                            # the trainer's hook, after every step
-            used = tr.prev['wall_s'] + time.perf_counter() - tr.t0
-            over = unet_over_budget(step, used, budget_s)
-            if step % every and step < steps and not over: return False
+    inputs = unet_inputs(val, vq, size) if every else None
+
+    def hook(tr, step):                         # the trainer's `on_step`: validate, re-plan, keep the best, watch the budget
+        used = tr.prev['wall_s'] + time.perf_counter() - tr.t0
+        calib = 'calibrated' not in sel and step == min(calibrate, tr.steps)
+        over = unet_over_budget(step, used, budget_s)
+        if not (over or calib or step >= tr.steps or (every and step % every == 0)): return False
+        t0 = time.perf_counter()
+        if every:
             d = float(np.mean([mask_dice(p, q[2]) for p, q in zip(unet_masks(tr.model, val, vq, size, inputs=inputs), vq)]))
-            sel['history'].append(dict(step=step, dice=round(d, 6), wall_s=round(tr.prev['wall_s'] + time.perf_counter() - tr.t0, 3)))
+            sel['history'].append(dict(step=step, dice=round(d, 6), wall_s=round(used + time.perf_counter() - t0, 3)))
             if sel.get('best_step') is None or d > sel['best_dice']:            # ties keep the earlier step
                 save_checkpoint(out/'best', tr.model, step=step, extra=dict(val_dice=d), trainable_only=False)
                 sel.update(best_step=step, best_dice=round(d, 6))
-            if step >= steps or over: sel['stopped'] = 'plan' if step >= steps else 'budget'
-            atomic_write_text(sel_file, json.dumps(sel, indent=1))
-            return over
-        m = fit(model, spec, unet_loss, batches, steps, out, lr, on_step=validate, ckpt_every=every, **kw)
-    load_weights(model, out/'best')
-    last = sel['history'][-1]
-    return model.eval(), classes, dict(m or {}, step=last['step'], steps=steps, wall_s=max(last['wall_s'], (m or {}).get('wall_s', 0)), selection=sel)
+        if calib and not over:
+            new = unet_replan(step, used, time.perf_counter() - t0, every, budget_s)
+            sel['calibrated'] = dict(step=step, planned=tr.steps, steps=new)
+            if abs(new - tr.steps) > 0.02 * tr.steps:                               # stop here; `train_unet` goes on with the new plan
+                atomic_write_text(plan, json.dumps({**json.loads(plan.read_text()), 'steps': new}))
+                atomic_write_text(sel_file, json.dumps(sel, indent=1))
+                return True
+        if over or step >= tr.steps:
+            sel.update(stopped='budget' if over and step < tr.steps else 'plan', end=dict(step=step, wall_s=round(used + time.perf_counter() - t0, 3)))
+        atomic_write_text(sel_file, json.dumps(sel, indent=1))
+        return over
+
+    spec = StageSpec('unet', 'class-wise UNet baseline', trains=['net'], losses=['dice', 'bce'], data='masks')
+    m = None
+    for _ in range(3):                                                          # at most: before the re-plan, after it, a resume
+        if sel['stopped'] is not None: break
+        ck = find_checkpoint(out)
+        at = json.loads((ck/'train_state.json').read_text())['step'] if ck else 0
+        sel['history'] = [h for h in sel['history'] if h['step'] <= at]        # steps after the checkpoint run again, identically
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='.*resuming with')        # the re-plan changes the schedule on purpose
+            m = fit(model, spec, unet_loss, batches, json.loads(plan.read_text())['steps'], out, lr, on_step=hook,
+                    ckpt_every=every or None, seed=seed, progress=progress, log_every=10)
+    if every: load_weights(model, out/'best')
+    else: load_weights(model, out)
+    last = sel['end']
+    return model.eval(), classes, dict(m or {}, step=last['step'], steps=json.loads(plan.read_text())['steps'],
+                                      wall_s=max(last['wall_s'], (m or {}).get('wall_s', 0)), selection=sel if every else None)
 
 def load_unet(out) -> ClassUNet:
     "The trained baseline of `train_unet`: the weights it kept (the best validation Dice, or the last step without a val split)."
