@@ -40,6 +40,17 @@ def _option_name(a:str) -> str:
     name, eq, val = a[2:].partition('=')
     return '--' + name.replace('-', '_') + eq + val
 
+def _join_sets(args:list) -> list:
+    "Repeated `--set` options joined into one comma-separated `--set` (argparse alone keeps only the last)."
+    vals, rest, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a == '--set' and i + 1 < len(args): vals.append(args[i + 1]); i += 2; continue
+        if a.startswith('--set='): vals.append(a[len('--set='):])
+        else: rest.append(a)
+        i += 1
+    return rest + (['--set', ','.join(vals)] if vals else [])
+
 def main(argv:list=None) -> int:
     "Entry point of the `medsight` command; returns the exit status."
     from fastcore.script import anno_parser
@@ -50,7 +61,7 @@ def main(argv:list=None) -> int:
         if argv and argv[0] not in ('-h', '--help'): print(f'\nmedsight: error: unknown command {" ".join(argv[:2])!r}', file=sys.stderr); return 2
         return 0
     fn = COMMANDS[match]
-    argv = argv[:len(match.split())] + [_option_name(a) for a in argv[len(match.split()):]]
+    argv = argv[:len(match.split())] + _join_sets([_option_name(a) for a in argv[len(match.split()):]])
     parser = anno_parser(fn, prog=f'medsight {match}')
     args = vars(parser.parse_args(argv[len(match.split()):]))
     args.pop('pdb', None); args.pop('xtra', None)
