@@ -635,7 +635,7 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
             dts.append(time.perf_counter() - t0)
         atomic_write_text(plan, json.dumps(dict(steps=max(10, int(budget_s / float(np.median(dts)))), budget_s=budget_s, classes=classes,
                                                 channels=list(channels), size=size, val_every=every, val_questions=len(vq))))
-    every = json.loads(plan.read_text()).get('val_every', every)              # resume with the settings it started with
+    every = json.loads(plan.read_text()).get('val_every', 0)                  # resume with the settings it started with (none before selection)
     sel = json.loads(sel_file.read_text()) if sel_file.exists() else dict(val_every=every, val_questions=len(vq), history=[], stopped=None)
     inputs = unet_inputs(val, vq, size) if every else None
 
@@ -674,8 +674,9 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
             warnings.filterwarnings('ignore', message='.*resuming with')        # the re-plan changes the schedule on purpose
             m = fit(model, spec, unet_loss, batches, json.loads(plan.read_text())['steps'], out, lr, on_step=hook,
                     ckpt_every=every or None, seed=seed, progress=progress, log_every=10)
-    if every: load_weights(model, out/'best')
-    else: load_weights(model, out)
+    if sel['stopped'] is None:                                                  # a run trained to its end before the hook existed
+        sel.update(stopped='plan', end=dict(step=m['step'], wall_s=m['wall_s']))
+    load_weights(model, out/'best' if (out/'best'/'checkpoint.json').exists() else out)
     last = sel['end']
     return model.eval(), classes, dict(m or {}, step=last['step'], steps=json.loads(plan.read_text())['steps'],
                                       wall_s=max(last['wall_s'], (m or {}).get('wall_s', 0)), selection=sel if every else None)
