@@ -451,7 +451,7 @@ class Trainer:
                  stop_at:int=None,     # stop after this many steps (a budget; the schedule still spans `steps`)
                  progress:bool=True,   # show a tqdm bar
                  val_fn=None,          # `val_fn(model) -> dict` run at the end, in eval mode, without grad
-                 on_step=None,         # `on_step(trainer, step) -> bool` after each optimiser step (every rank; its time counts in `wall_s`): True ends the run there
+                 on_step=None,         # `on_step(trainer, step) -> bool` after each optimiser step (on every rank, which must agree; its time counts in `wall_s`): True ends the run there
                  device=None,          # where to train (default `get_device()`)
                  amp_dtype='auto',     # autocast dtype: 'auto' (bf16 on CUDA, off elsewhere), None, or a torch dtype
                  trainable_only:bool=True, # checkpoints hold trainable parameters only (frozen ones are rebuilt)
@@ -706,9 +706,9 @@ def fit(self:Trainer, resume:bool=True) -> dict:
         try:
             for step in range(start, stop):
                 t = time.perf_counter(); res = self.train_step(step); self.track(res, time.perf_counter() - t)
-                if self.on_step is not None and self.on_step(self, step + 1):          # the caller ends the run here
-                    stop = step + 1
-                set_train_mode(self.model, self.spec.eval_frozen)                     # whatever the hook did to the modes
+                if self.on_step is not None:
+                    if self.on_step(self, step + 1): stop = step + 1                   # the caller ends the run here
+                    set_train_mode(self.model, self.spec.eval_frozen)                  # whatever the hook did to the modes
                 if (step + 1) % self.log_every == 0 or step + 1 == stop:
                     rec = self.log(step + 1)
                     if bar: bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{rec['lr']:.2e}", sps=f"{rec['samples_per_s']:.1f}")
