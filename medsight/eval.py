@@ -651,8 +651,8 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
             if sel.get('best_step') is None or d > sel['best_dice']:            # ties keep the earlier step
                 save_checkpoint(out/'best', tr.model, step=step, extra=dict(val_dice=d), trainable_only=False)
                 sel.update(best_step=step, best_dice=round(d, 6))
-        if calib and not over:
-            new = unet_replan(step, used, time.perf_counter() - t0, every, budget_s)
+        if calib:
+            new = tr.steps if over else unet_replan(step, used, time.perf_counter() - t0, every, budget_s)   # over: no time to re-plan
             sel['calibrated'] = dict(step=step, planned=tr.steps, steps=new)
             if abs(new - tr.steps) > 0.02 * tr.steps:                               # stop here; `train_unet` goes on with the new plan
                 atomic_write_text(plan, json.dumps({**json.loads(plan.read_text()), 'steps': new}))
