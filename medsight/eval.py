@@ -17,7 +17,7 @@ __all__ = ['ARTICLES', 'MASK_TOKEN_SCHEMES', 'PAPER_WAY', 'ABLATIONS', 'NOISE', 
            'evaluate', 'metrics_table', 'budget_md', 'names_md', 'report_md', 'stage_costs', 'generation_costs',
            'cost_md', 'plot_per_modality', 'plot_confusion', 'plot_cases', 'evaluate_run', 'region_figures',
            'ClassUNet', 'class_targets', 'unet_loss', 'class_questions', 'seg_summary', 'unet_inputs', 'unet_masks',
-           'evaluate_unet', 'mask_dice', 'run_wall_s', 'unet_over_budget', 'unet_replan', 'train_unet', 'load_unet',
+           'evaluate_unet', 'run_wall_s', 'unet_over_budget', 'unet_replan', 'train_unet', 'load_unet',
            'compare_to_unet', 'compare_md', 'unet_baseline', 'ablate', 'ablations_md']
 
 # %% ../nbs/08_eval.ipynb #3adb10ed
@@ -569,12 +569,6 @@ def evaluate_unet(model:ClassUNet, samples:list, classes:list, size:int=64, batc
         recs.append(dict(id=x.get('id'), modality=x['modality'], task=x.get('task') or 'other', cls=classes[c], **seg_metrics(pred, target)))
     return recs
 
-def mask_dice(pred, target) -> float:
-    "Dice of two bool masks with `seg_metrics`' empty rule (both empty: 1), in numpy: cheap enough to run every few hundred steps."
-    p, t = _as_bool(pred), _as_bool(target)
-    tot = int(p.sum()) + int(t.sum())
-    return 1.0 if tot == 0 else 2.0 * int((p & t).sum()) / tot
-
 
 # %% ../nbs/08_eval.ipynb #b8a936ea
 def run_wall_s(run) -> float:
@@ -613,6 +607,7 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
     "Train the class-wise UNet for about `budget_s` seconds, keeping the weights with the best validation Dice; return `(model, classes, fit metrics)`. Re-running resumes."
     import copy, time
     from medsight.train import fit, StageSpec, region_batches, load_region_data, save_checkpoint, load_weights, find_checkpoint
+    from medsight.perceiver import dice_score
     out = Path(out)
     if budget_s <= 0: raise ConfigError(f'the budget must be positive, got {budget_s}', field='--budget_s')
     info, classes, data = datasets or load_region_data(data_dir, size, splits=('train',))
@@ -626,7 +621,7 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
     model = ClassUNet(len(classes), channels)
     batches = region_batches(data['train'], batch_size, seed)
     plan, sel_file = out/'plan.json', out/'selection.json'
-    if not plan.exists():                       # a first guess from ten untimed-setup steps; the run re-plans at `calibrate`
+    if not plan.exists():                       # a first guess from ten timed steps; the run re-plans at `calibrate`
         probe = copy.deepcopy(model); opt = torch.optim.AdamW(probe.parameters(), lr)
         unet_loss(probe, batches(0))['loss'].backward(); opt.step()
         dts = []
@@ -646,7 +641,7 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
         if not (over or calib or step >= tr.steps or (every and step % every == 0)): return False
         t0 = time.perf_counter()
         if every:
-            d = float(np.mean([mask_dice(p, q[2]) for p, q in zip(unet_masks(tr.model, val, vq, size, inputs=inputs), vq)]))
+            d = float(np.mean([dice_score(p, q[2]) for p, q in zip(unet_masks(tr.model, val, vq, size, inputs=inputs), vq)]))   # numpy, no HD95
             sel['history'].append(dict(step=step, dice=round(d, 6), wall_s=round(used + time.perf_counter() - t0, 3)))
             if sel.get('best_step') is None or d > sel['best_dice']:            # ties keep the earlier step
                 save_checkpoint(out/'best', tr.model, step=step, extra=dict(val_dice=d), trainable_only=False)
