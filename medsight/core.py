@@ -151,6 +151,7 @@ class PerceiverConfig:
     mask_size:int|None = None    # output mask side (None: grid × 2**stages)
     image_skip:bool = False      # add a light conv path from the image to each upsampling stage (ours, not the paper's)
     full_res:bool = False        # final mask features at the input image's resolution, refined by a conv path from the image (ours)
+    fine_width:int|None = None   # channels d of that full-resolution path (None: D/8, at least 8)
     mask_class:bool = False      # the class head also reads the features under the query's own mask, and its area (ours)
     refine_classes:bool = False  # a second, calibrated class head trained in stage 2 on the frozen perceiver: it also sees the other regions and their overlap (ours)
     refine_batch:int = 256       # images whose regions train that classifier at each stage-2 step, drawn from a table of the training split computed once
@@ -296,11 +297,11 @@ def _paper_vision(): return VisionConfig(kind='clip', path='openai/clip-vit-larg
                                          dim=1024, patch=14, layer=-2, freeze=True,
                                          mean=(0.4815, 0.4578, 0.4082), std=(0.2686, 0.2613, 0.2758))
 PRESETS = {
-    'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
+    'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, fine_width=32, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True,
                                      pointer_intent=True, copy_bias=True, asked_readout=True),
                        train=TrainConfig(steps={'1': 1000, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
-    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
+    'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, fine_width=32, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True,
                                      pointer_features=True, region_readout=True, pointer_intent=True, copy_bias=True, asked_readout=True, patch_pool=2),
                        train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 1000, '2': 300, '3': 10, '4': 20, '5': 360})),

@@ -158,7 +158,7 @@ class RegionPerceiver(nn.Module):
         lean = getattr(cfg, 'lean_top', False)                                 # the last stage: separable conv, no pixel block
         self.ups = nn.ModuleList(up_block(D, separable=lean and s == S - 1) for s in range(S))
         self.skips = nn.ModuleList(image_skip_block(D) for _ in range(S)) if getattr(cfg, 'image_skip', False) else None
-        self.fine = fine_path(D) if getattr(cfg, 'full_res', False) else None
+        self.fine = fine_path(D, getattr(cfg, 'fine_width', None)) if getattr(cfg, 'full_res', False) else None
         self.query_blocks = nn.ModuleList(QueryBlock(D, cfg.heads, self_attn=s > 0) for s in range(S + 1))
         self.pixel_blocks = nn.ModuleList(PixelBlock(D, cfg.heads, pixel_ffn_ratio) for _ in range(S - 1 if lean and S else S))
         self.mask_proj = nn.ModuleList(nn.Conv2d(D, D, 1) for _ in range(S + 1))
