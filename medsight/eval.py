@@ -587,13 +587,15 @@ def unet_over_budget(done:int,      # optimiser steps done
     return done > 0 and used_s * (done + 1) / done > budget_s
 
 def unet_replan(step:int,       # steps done when the pace is measured
-                used_s:float,   # seconds they took
-                val_s:float,    # seconds one validation took
-                every:int,      # steps between validations (0: none)
-                budget_s:float  # the budget
+                used_s:float,   # seconds used by then
+                val_s:float,    # seconds one validation took (the one at `step` is still to be paid)
+                every:int,      # steps between validations whose time `used_s` does not hold yet (0: none)
+                budget_s:float, # the budget
+                from_step:int=0,    # measure the pace from this step on …
+                from_s:float=0.0    # … when `from_s` seconds had been used
                ) -> int:
     "The plan's new length: the steps done, plus the steps the rest of the budget pays for at the measured pace, validations included."
-    pace = used_s / step + (val_s / every if every else 0.0)
+    pace = (used_s - from_s) / (step - from_step) + (val_s / every if every else 0.0)
     return step + max(1, int((budget_s - used_s - val_s) / pace))
 
 def train_unet(data_dir,                 # the grounded dataset (its train split trains, its val split picks the checkpoint)
@@ -603,6 +605,7 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
                channels=(16, 32, 64, 128),
                val_every:int=250,        # optimiser steps between validations (0, or no val split: keep the last weights)
                calibrate:int=50,         # after this many steps the plan is made again from the pace measured in training
+               replans:int=4,            # later re-plans at validations, while 20 % of the plan is left and the pace has moved it over 5 %
                progress:bool=True, datasets=None) -> tuple:
     "Train the class-wise UNet for about `budget_s` seconds, keeping the weights with the best validation Dice; return `(model, classes, fit metrics)`. Re-running resumes."
     import copy, time
@@ -637,6 +640,8 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
     def hook(tr, step):                         # the trainer's `on_step`: validate, re-plan, keep the best, watch the budget
         used = tr.prev['wall_s'] + time.perf_counter() - tr.t0
         calib = 'calibrated' not in sel and step == min(calibrate, tr.steps)
+        late = (bool(every) and step % every == 0 and 'calibrated' in sel and step < 0.8 * tr.steps
+                and len(sel.get('replans', [])) < replans)
         over = unet_over_budget(step, used, budget_s)
         if not (over or calib or step >= tr.steps or (every and step % every == 0)): return False
         t0 = time.perf_counter()
@@ -646,9 +651,17 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
             if sel.get('best_step') is None or d > sel['best_dice']:            # ties keep the earlier step
                 save_checkpoint(out/'best', tr.model, step=step, extra=dict(val_dice=d), trainable_only=False)
                 sel.update(best_step=step, best_dice=round(d, 6))
+        new = tr.steps
         if calib:
             new = tr.steps if over else unet_replan(step, used, time.perf_counter() - t0, every, budget_s)   # over: no time to re-plan
-            sel['calibrated'] = dict(step=step, planned=tr.steps, steps=new)
+            sel['calibrated'] = dict(step=step, planned=tr.steps, steps=new, wall_s=round(used, 3))
+        elif late and not over:                   # the pace since the last plan (the warm-up's slow first steps no longer count);
+            last = (sel.get('replans') or [sel['calibrated']])[-1]                   # its validations are in `used` already
+            fs, fw = (last['step'], last['wall_s']) if 'wall_s' in last else (0, 0.0)   # (a plan saved before `wall_s`: from the start)
+            new = unet_replan(step, used, time.perf_counter() - t0, 0, budget_s, fs, fw)
+            if abs(new - tr.steps) > 0.05 * tr.steps: sel.setdefault('replans', []).append(dict(step=step, planned=tr.steps, steps=new, wall_s=round(used, 3)))
+            else: new = tr.steps
+        if calib or late:
             if abs(new - tr.steps) > 0.02 * tr.steps:                               # stop here; `train_unet` goes on with the new plan
                 atomic_write_text(plan, json.dumps({**json.loads(plan.read_text()), 'steps': new}))
                 atomic_write_text(sel_file, json.dumps(sel, indent=1))
@@ -660,7 +673,7 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
 
     spec = StageSpec('unet', 'class-wise UNet baseline', trains=['net'], losses=['dice', 'bce'], data='masks')
     m = None
-    for _ in range(3):                                                          # at most: before the re-plan, after it, a resume
+    for _ in range(3 + replans):                                                # at most: before the re-plans, after each, a resume
         if sel['stopped'] is not None: break
         ck = find_checkpoint(out)
         at = json.loads((ck/'train_state.json').read_text())['step'] if ck else 0
@@ -726,9 +739,13 @@ def unet_baseline(data_dir,             # the grounded dataset
                            steps=fm['step'], planned_steps=fm['steps'], wall_s=round(wall, 1), model='monai UNet', classes=classes)
     kept = 'kept its last weights (no validation questions)'
     if sel:
-        metrics['meta'].update(kept_step=sel['best_step'], val_dice=sel['best_dice'], val_questions=sel['val_questions'], stopped=sel['stopped'])
+        cal = sel.get('calibrated')
+        plans = [cal['planned'], cal['steps']] + [r['steps'] for r in sel.get('replans', [])] if cal else []
+        metrics['meta'].update(kept_step=sel['best_step'], val_dice=sel['best_dice'], val_questions=sel['val_questions'], stopped=sel['stopped'], plans=plans)
         kept = (f"validated every {sel['val_every']} steps on the {sel['val_questions']} such questions of `val`, "
-                f"kept step {sel['best_step']} (validation Dice {sel['best_dice']:.3f}); it stopped at the end of its {'plan' if sel['stopped'] == 'plan' else 'budget'}")
+                f"kept step {sel['best_step']} (validation Dice {sel['best_dice']:.3f}); "
+                + (f"its plan, re-made from the measured pace, went {' → '.join(map(str, plans))} steps; " if len(plans) > 1 else '')
+                + f"it stopped at the end of its {'plan' if sel['stopped'] == 'plan' else 'budget'}")
     lines = ['# Class-wise UNet baseline', '',
              f"MONAI 2-D UNet, one channel per class ({len(classes)}), trained {fm['step']} steps in {wall:.0f}s "
              f"(budget {budget_s:.0f}s, training and validation); {kept}. "
