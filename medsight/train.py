@@ -360,6 +360,7 @@ def _shape_hint(name:str) -> str:
     "Which setting most likely differs when tensor `name` has another shape."
     if name.startswith(('code_tokens', 'codebook')): return 'the checkpoint has another codebook size or modality list (codebook.codes_per_modality, the data\'s modalities)'
     if 'embed_tokens' in name or 'lm_head' in name: return 'the checkpoint was made with another tokenizer or LLM (llm.kind, llm.path)'
+    if name.startswith('perceiver.fine.'): return 'the checkpoint has another full-resolution path (perceiver.fine_width, perceiver.dim)'
     if name.startswith('perceiver'): return 'the checkpoint has another perceiver (perceiver.n_queries, perceiver.dim, the class list)'
     return 'was it saved from a different model or config?'
 
