@@ -647,7 +647,8 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
         t0 = time.perf_counter()
         if every:
             d = float(np.mean([dice_score(p, q[2]) for p, q in zip(unet_masks(tr.model, val, vq, size, inputs=inputs), vq)]))   # numpy, no HD95
-            sel['history'].append(dict(step=step, dice=round(d, 6), wall_s=round(used + time.perf_counter() - t0, 3)))
+            d = round(d, 6)                                                     # compared as it is recorded: a tie at 6 decimals keeps the earlier step
+            sel['history'].append(dict(step=step, dice=d, wall_s=round(used + time.perf_counter() - t0, 3)))
             if sel.get('best_step') is None or d > sel['best_dice']:            # ties keep the earlier step
                 save_checkpoint(out/'best', tr.model, step=step, extra=dict(val_dice=d), trainable_only=False)
                 sel.update(best_step=step, best_dice=round(d, 6))
