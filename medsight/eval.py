@@ -651,19 +651,19 @@ def train_unet(data_dir,                 # the grounded dataset (its train split
             sel['history'].append(dict(step=step, dice=d, wall_s=round(used + time.perf_counter() - t0, 3)))
             if sel.get('best_step') is None or d > sel['best_dice']:            # ties keep the earlier step
                 save_checkpoint(out/'best', tr.model, step=step, extra=dict(val_dice=d), trainable_only=False)
-                sel.update(best_step=step, best_dice=round(d, 6))
-        new = tr.steps
-        if calib:
-            new = tr.steps if over else unet_replan(step, used, time.perf_counter() - t0, every, budget_s)   # over: no time to re-plan
-            sel['calibrated'] = dict(step=step, planned=tr.steps, steps=new, wall_s=round(used, 3))
-        elif late and not over:                   # the pace since the last plan (the warm-up's slow first steps no longer count);
-            last = (sel.get('replans') or [sel['calibrated']])[-1]                   # its validations are in `used` already
-            fs, fw = (last['step'], last['wall_s']) if 'wall_s' in last else (0, 0.0)   # (a plan saved before `wall_s`: from the start)
-            new = unet_replan(step, used, time.perf_counter() - t0, 0, budget_s, fs, fw)
-            if abs(new - tr.steps) > 0.05 * tr.steps: sel.setdefault('replans', []).append(dict(step=step, planned=tr.steps, steps=new, wall_s=round(used, 3)))
-            else: new = tr.steps
-        if calib or late:
-            if abs(new - tr.steps) > 0.02 * tr.steps:                               # stop here; `train_unet` goes on with the new plan
+                sel.update(best_step=step, best_dice=d)
+        if calib or (late and not over):          # `steps` records the plan in force after it (unchanged when within tolerance)
+            val_s = time.perf_counter() - t0
+            if calib: new = tr.steps if over else unet_replan(step, used, val_s, every, budget_s)   # over: no time to re-plan
+            else:                                 # the pace since the last plan (the warm-up's slow first steps no longer count);
+                last = (sel.get('replans') or [sel['calibrated']])[-1]               # its validations are in `used` already
+                fs, fw = (last['step'], last['wall_s']) if 'wall_s' in last else (0, 0.0)   # (a plan saved before `wall_s`: from the start)
+                new = unet_replan(step, used, val_s, 0, budget_s, fs, fw)
+            if abs(new - tr.steps) <= (0.02 if calib else 0.05) * tr.steps: new = tr.steps
+            entry = dict(step=step, planned=tr.steps, steps=new, wall_s=round(used, 3))
+            if calib: sel['calibrated'] = entry
+            elif new != tr.steps: sel.setdefault('replans', []).append(entry)
+            if new != tr.steps:                                                     # stop here; `train_unet` goes on with the new plan
                 atomic_write_text(plan, json.dumps({**json.loads(plan.read_text()), 'steps': new}))
                 atomic_write_text(sel_file, json.dumps(sel, indent=1))
                 return True
@@ -741,7 +741,7 @@ def unet_baseline(data_dir,             # the grounded dataset
     kept = 'kept its last weights (no validation questions)'
     if sel:
         cal = sel.get('calibrated')
-        plans = [cal['planned'], cal['steps']] + [r['steps'] for r in sel.get('replans', [])] if cal else []
+        plans = [cal['planned']] + [r['steps'] for r in [cal, *sel.get('replans', [])] if r['steps'] != r['planned']] if cal else []
         metrics['meta'].update(kept_step=sel['best_step'], val_dice=sel['best_dice'], val_questions=sel['val_questions'], stopped=sel['stopped'], plans=plans)
         kept = (f"validated every {sel['val_every']} steps on the {sel['val_questions']} such questions of `val`, "
                 f"kept step {sel['best_step']} (validation Dice {sel['best_dice']:.3f}); "
