@@ -204,6 +204,7 @@ class LLMConfig:
     pointer_intent:bool = False    # the code pointer also guesses, from the state, which class the next code names, trained on the target region's classes, and scores each region by log(α + Σ_c q(c|h) p(c|region)) (ours; needs code_pointer)
     intent_weight:float = 1.0      # weight of that guess's cross-entropy in the loss (stages 4–5)
     geometry:bool = False          # region evidence states centre and size on a usable scale ((x − ½)·8, (y − ½)·8, log area + 5), and the code pointer adds a state-dependent preference over them (ours; needs pointer_features)
+    pointer_phrase:bool = False    # the code pointer's query and its class guess also read the answer's words since the last code token (the mean of their input embeddings), so "the right ventricle" is told from "the left" (ours; needs code_pointer)
     copy_bias:bool = False         # every word the prompt holds gets g(h) added to its logit, g a zero-initialised head on the state, so a small LLM repeats the question's names (ours; needs code_pointer)
     region_tokens:bool = True    # the LLM sees the perceiver's region tokens after the patch tokens (False: patch tokens only; an ablation)
     patch_pool:int = 1           # average-pool the encoder's patch grid by this factor before P_v→t: (grid / p)² patch tokens (ours; 2 quarters them, a shorter sequence for a CPU)

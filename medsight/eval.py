@@ -768,7 +768,7 @@ def unet_baseline(data_dir,             # the grounded dataset
 # %% ../nbs/08_eval.ipynb #941f5635
 PAPER_WAY = {'llm.code_pointer': False, 'llm.region_evidence': False, 'llm.code_residual': False, 'llm.name_pointer': False,
              'llm.pointer_features': False, 'llm.region_readout': False, 'llm.pointer_intent': False, 'llm.geometry': False,
-             'llm.copy_bias': False, 'llm.asked_readout': False}
+             'llm.copy_bias': False, 'llm.asked_readout': False, 'llm.pointer_phrase': False}
 ABLATIONS = {
     'paper':            {},
     'no_region_tokens': {'llm.region_tokens': False},

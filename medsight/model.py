@@ -247,7 +247,8 @@ class CodePointer(nn.Module):
                  n_evidence:int=0,   # width of the region evidence the keys also read, with a revisit term (`llm.pointer_features`; 0: neither)
                  n_classes:int=0,    # classes the intent head guesses among (`llm.pointer_intent`; 0: no intent head)
                  floor:float=0.1,    # α of the intent term log(α + Σ_c q(c|h) p(c|region))
-                 geometry:bool=False): # a state-dependent preference over the evidence's geometry, g(h)·(x, y, size, peak) (`llm.geometry`)
+                 geometry:bool=False, # a state-dependent preference over the evidence's geometry, g(h)·(x, y, size, peak) (`llm.geometry`)
+                 phrase:bool=False):  # the query and the class guess also read the answer's phrase since the last code (`llm.pointer_phrase`)
         super().__init__()
         self.q, self.k, self.scale = nn.Linear(hidden, dim), nn.Linear(hidden, dim), dim ** -0.5
         self.feat = nn.Linear(n_evidence, dim) if n_evidence else None       # what the region is, straight into its key
@@ -256,22 +257,33 @@ class CodePointer(nn.Module):
         if self.intent is not None: nn.init.zeros_(self.intent.weight); nn.init.zeros_(self.intent.bias)   # starts uniform
         self.geo = nn.Linear(hidden, 4) if geometry and n_evidence else None  # which way along x, y, size the next code's region lies
         if self.geo is not None: nn.init.zeros_(self.geo.weight); nn.init.zeros_(self.geo.bias)            # starts indifferent
+        self.phrase_norm = nn.LayerNorm(hidden) if phrase else None       # a mean of a few small embeddings: brought to unit scale
+        self.phrase_q = nn.Linear(hidden, dim) if phrase else None          # the phrase's words into the query
+        self.phrase_intent = nn.Linear(hidden, n_classes) if phrase and n_classes else None   # and into the class guess
+        for m in (self.phrase_q, self.phrase_intent):
+            if m is not None: nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)                       # start as without them
     def keys(self, h_regions, evidence=None):                                # (B, N, H), (B, N, E) → (B, N, P) (P + 4 with `geo`)
         k = self.k(h_regions)
         k = k if self.feat is None or evidence is None else k + self.feat(evidence.to(k.dtype))
         if self.geo is None: return k                                        # `geo` implies `feat`: the evidence is always given
         return torch.cat([k, evidence[..., -4:].to(k.dtype)], -1)            # the region's geometry, read by g(h) in `forward`
     def forward(self, h, keys, visited=None,  # visited: 1 where a region was already named, shaped like the scores (None: ignored)
-                cls=None):                     # (B, N, C) or (S, N, C) the regions' class probabilities, for the intent term (None: ignored)
-        q = self.q(h) * self.scale                                           # (…, P)
+                cls=None,                      # (B, N, C) or (S, N, C) the regions' class probabilities, for the intent term (None: ignored)
+                phrase=None):                  # (…, H) like h: the answer's words since the last code, mean input embedding (None: ignored)
+        q = self.q(h)
+        if phrase is not None and self.phrase_q is not None: q = q + self.phrase_q(self.phrase_norm(phrase.to(q.dtype)))
+        q = q * self.scale                                                   # (…, P)
         if self.geo is not None: q = torch.cat([q, self.geo(h)], -1)         # (…, P + 4): + g(h)·geometry, unscaled
         if keys.dim() == q.dim(): s = q @ keys.transpose(-1, -2)            # (B, T, P) · (B, N, P) → (B, T, N)
         else: s = (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2)    # (S, P) · (S, N, P) → (S, N)
         if visited is not None and self.revisit is not None: s = s + self.revisit(h) * visited.to(s.dtype)
-        if cls is not None and self.intent is not None: s = s + self.intent_term(h, cls).to(s.dtype)
+        if cls is not None and self.intent is not None: s = s + self.intent_term(h, cls, phrase).to(s.dtype)
         return s
-    def intent_term(self, h, cls):  # log(α + Σ_c q(c|h) p(c|region j)): (…, N)
-        q, cls = self.intent(h).float().softmax(-1), cls.float()            # (…, C)
+    def intent_logits(self, h, phrase=None):  # which class the next code names: (…, C)
+        z = self.intent(h)
+        return z if phrase is None or self.phrase_intent is None else z + self.phrase_intent(self.phrase_norm(phrase.to(z.dtype)))
+    def intent_term(self, h, cls, phrase=None):  # log(α + Σ_c q(c|h, phrase) p(c|region j)): (…, N)
+        q, cls = self.intent_logits(h, phrase).float().softmax(-1), cls.float()   # (…, C)
         m = q @ cls.transpose(-1, -2) if q.dim() == cls.dim() else (cls @ q.unsqueeze(-1)).squeeze(-1)   # (B, T, N) or (S, N)
         return (self.floor + m).log()
 
@@ -285,6 +297,7 @@ class PointerContext:
     feats:torch.Tensor = None   # (B, N, E) each region's evidence, for the pointer's keys (None: `llm.pointer_features` off)
     visited:torch.Tensor = None # 1 where a region was named by an earlier code token: (B, T, N), (S, N) or (B, N) like the scores
     bag:torch.Tensor = None     # (B, V0) 1 for each word the prompt holds, for the copy bias (None: `llm.copy_bias` off)
+    phrase:torch.Tensor = None  # (B, T, H), (S, H) or (B, H) like the states: the answer's words since the last code token (`answer_phrase`); per position, set by the caller
     def take(self, rows):       # the context of the rows `rows` (one per selected position); `visited` is per position, set by the caller
         pick = lambda t: None if t is None else t[rows]
         return PointerContext(self.pos[rows], self.codes[rows], pick(self.keys), pick(self.cls), pick(self.feats), bag=pick(self.bag))
@@ -392,7 +405,9 @@ class MedSightForCausalLM(PreTrainedModel):
         self.geometry = cfg.llm.geometry                             # `region_evidence(scaled=…)` wherever the evidence is built
         self.code_pointer = CodePointer(H, cfg.llm.pointer_dim, self.n_evidence if cfg.llm.pointer_features else 0,
                                         len(config.classes) if cfg.llm.pointer_intent else 0, cfg.llm.name_floor,
-                                        cfg.llm.geometry) if cfg.llm.code_pointer else None
+                                        cfg.llm.geometry, cfg.llm.pointer_phrase) if cfg.llm.code_pointer else None
+        if cfg.llm.pointer_phrase and not cfg.llm.code_pointer:
+            raise ConfigError("the phrase is read by the code pointer", field='llm.pointer_phrase', hint='set llm.code_pointer=true too, or llm.pointer_phrase=false')
         self.intent_weight = cfg.llm.intent_weight
         self.region_head = rm.region_head                           # `perceiver.refine_classes`: trained in stage 2, frozen here
         self.region_tokens, self.name_floor, self.patch_pool = cfg.llm.region_tokens, cfg.llm.name_floor, cfg.llm.patch_pool
@@ -531,6 +546,29 @@ def embed_tokens(self:MedSightForCausalLM, ids:torch.Tensor) -> torch.Tensor: # 
     if new.any(): emb = torch.where(new[..., None], self.code_tokens.inp[(ids - V0).clamp(min=0)].to(emb.dtype), emb)
     return emb
 
+@patch(as_prop=True)
+def reads_phrase(self:MedSightForCausalLM) -> bool:
+    "Does the code pointer read the answer's phrase (`llm.pointer_phrase`)?"
+    return getattr(self.code_pointer, 'phrase_q', None) is not None
+
+@patch
+def answer_phrase(self:MedSightForCausalLM,
+                  input_ids:torch.Tensor, # (B, T) token ids
+                  answer:torch.Tensor     # (B, T) bool: the answer's positions (in training, the labelled ones)
+                 ) -> torch.Tensor:       # (B, T, H)
+    "Per position t: the mean input embedding of the answer's words after the last code token or prompt position up to t (0 if none)."
+    V0, T = self.config.first_new_id, input_ids.shape[1]
+    with torch.no_grad(): e = self._base_lm().get_input_embeddings()(input_ids.clamp(max=V0 - 1)).float()   # (B, T, H), frozen here
+    answer = answer.to(input_ids.device)
+    w = (answer & (input_ids < V0)).float()                                     # (B, T) the answer's words
+    s, n = (e * w[..., None]).cumsum(1), w.cumsum(1)                            # running sums
+    t = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    last = torch.where(self.is_code(input_ids) | ~answer, t, -1).cummax(1).values   # (B, T) the last boundary at or before t
+    g, some = last.clamp(min=0), (last >= 0)
+    s0 = torch.where(some[..., None], s.gather(1, g[..., None].expand_as(s)), 0.)
+    n0 = torch.where(some, n.gather(1, g), 0.)
+    return (s - s0) / (n - n0).clamp(min=1)[..., None]                           # (B, T, H) float
+
 @patch
 def needs_bag(self:MedSightForCausalLM) -> bool:
     "Does anything read the prompt's bag of words (the copy bias, or the asked readout)?"
@@ -552,7 +590,7 @@ def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) ->
     base = self._base_lm().get_output_embeddings()(hw)[..., :self.config.first_new_id]   # (…, V0) words: with the region counts
     new = h @ self.code_tokens.out_rows()[1:].to(h.dtype).T                             # (…, M·K)
     if ptr is not None and ptr.keys is not None:
-        p = self.code_pointer(h, ptr.keys, ptr.visited, ptr.cls).float().softmax(-1)     # (…, N) where the pointer points
+        p = self.code_pointer(h, ptr.keys, ptr.visited, ptr.cls, ptr.phrase).float().softmax(-1)     # (…, N) where the pointer points
         new = new + self.pointer_logprobs(h, ptr, p=p).to(new.dtype)
         if ptr.cls is not None and len(self.name_ids): base = base + self.name_bias(p, ptr).to(base.dtype)
     if self.copy_bias is not None and ptr is not None and ptr.bag is not None: base = base + self.copy_bias(h, ptr.bag).to(base.dtype)
@@ -561,7 +599,7 @@ def logits(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext=None) ->
 @patch
 def pointer_logprobs(self:MedSightForCausalLM, h:torch.Tensor, ptr:PointerContext, eps:float=1e-6, p=None) -> torch.Tensor:
     "log p(code) of pointing at the region tokens: softmax over the N regions, summed per code; codes of no region get log ε."
-    if p is None: p = self.code_pointer(h, ptr.keys, ptr.visited, ptr.cls).float().softmax(-1)   # (…, N)
+    if p is None: p = self.code_pointer(h, ptr.keys, ptr.visited, ptr.cls, ptr.phrase).float().softmax(-1)   # (…, N)
     codes = ptr.codes if p.dim() == ptr.codes.dim() else ptr.codes[:, None].expand_as(p)
     pc = p.new_zeros(*p.shape[:-1], self.codebook.M * self.codebook.K).scatter_add_(-1, codes, p)   # (…, M·K)
     return (pc + eps).log()
@@ -588,7 +626,8 @@ def intent_loss(self:MedSightForCausalLM,
     ok = y.sum(-1) > 0.5                                                        # a region with that code, and a class
     if not ok.any(): return self.code_pointer.intent(h[:0]).sum() * 0
     y = y[ok] / y[ok].sum(-1, keepdim=True)
-    return -(y * F.log_softmax(self.code_pointer.intent(h[c][ok]).float(), -1)).sum(-1).mean()
+    ph = None if pt.phrase is None else pt.phrase[c][ok]
+    return -(y * F.log_softmax(self.code_pointer.intent_logits(h[c][ok], ph).float(), -1)).sum(-1).mean()
 
 # %% ../nbs/05_model.ipynb #dda948eb
 @patch
@@ -808,6 +847,8 @@ def forward(self:MedSightForCausalLM,
     h, cache = self.run_backbone(emb, attention_mask, position_ids, past_key_values, use_cache)   # (B, T, H)
     ptr = self.pointer_keys(h, ptr)
     if ptr is not None and self.tracks_coverage: ptr.visited = self.coverage(input_ids, ptr)   # (B, T, N) regions named so far
+    if ptr is not None and self.reads_phrase:                                  # without labels no position is an answer's: pass labels
+        ptr.phrase = self.answer_phrase(input_ids, torch.zeros_like(input_ids, dtype=torch.bool) if labels is None else labels != -100)   # (B, T, H)
     res = MedSightOutput(hidden_states=h, past_key_values=cache)
     if return_logits or (return_logits is None and labels is None): res.logits = self.logits(h, ptr)
     if labels is None: return res
@@ -816,6 +857,7 @@ def forward(self:MedSightForCausalLM,
     rows = sel.nonzero()[:, 0]                                                 # batch row of each selected position
     pt = None if ptr is None else ptr.take(rows)
     if pt is not None and ptr.visited is not None: pt.visited = ptr.visited[:, :-1][sel]   # (S, N)
+    if pt is not None and ptr.phrase is not None: pt.phrase = ptr.phrase[:, :-1][sel]      # (S, H)
     hs = h[:, :-1][sel]                                                        # (S, H) states that predict a label
     lg = self.logits(hs, pt)                                                   # (S, V)
     res.lm_loss = F.cross_entropy(lg.float(), tgt[sel]) if sel.any() else h.sum() * 0
@@ -923,6 +965,8 @@ def generate_codes(self:MedSightForCausalLM,
     ptr = self.pointer_keys(h, ptr)
     track = ptr is not None and self.tracks_coverage
     if track: ptr.visited = self.coverage(input_ids, ptr)[:, -1]                # (B, N) regions the prompt already named
+    phrase = ptr is not None and self.reads_phrase                             # the answer's words since the last code: none yet
+    if phrase: ph_sum, ph_n = h.new_zeros(B, h.shape[-1]).float(), h.new_zeros(B, 1).float(); ptr.phrase = ph_sum
     h, pos = h[:, -1], pos[:, -1:]                                             # (B, H), (B, 1)
     ids, probs, code_h, code_pos = ([[] for _ in range(B)] for _ in range(4))
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -934,6 +978,12 @@ def generate_codes(self:MedSightForCausalLM,
         for b in (~done).nonzero()[:, 0].tolist(): ids[b].append(int(nxt[b])); probs[b].append(float(pn[b]))
         code = self.is_code(nxt) & ~done
         if track: ptr.visited = ptr.visited | (code[:, None] & (ptr.codes == (nxt - self.code_start)[:, None]))   # (B, N)
+        if phrase:                                                             # as `answer_phrase`: a code token starts a new phrase
+            word = (nxt < self.config.first_new_id).float()[:, None]           # (B, 1)
+            e = self._base_lm().get_input_embeddings()(nxt.clamp(max=self.config.first_new_id - 1)).float()   # (B, H)
+            keep = (~self.is_code(nxt)).float()[:, None]
+            ph_sum, ph_n = keep * (ph_sum + word * e), keep * (ph_n + word)
+            ptr.phrase = ph_sum / ph_n.clamp(min=1)
         done = done | torch.isin(nxt, stop)
         if done.all() and not code.any(): break
         attn, pos = torch.cat([attn, torch.ones_like(attn[:, :1])], 1), pos + 1
