@@ -552,15 +552,23 @@ def reads_phrase(self:MedSightForCausalLM) -> bool:
     return getattr(self.code_pointer, 'phrase_q', None) is not None
 
 @patch
+def word_embeddings(self:MedSightForCausalLM, ids:torch.Tensor) -> tuple: # (…) ids → (…, H) float, (…) bool
+    "The LLM's input embeddings of `ids`, read without gradient, and where `ids` are its own words (0 rows elsewhere)."
+    V0 = self.config.first_new_id
+    word = ids < V0
+    with torch.no_grad(): e = self._base_lm().get_input_embeddings()(ids.clamp(max=V0 - 1)).float()
+    return e * word[..., None], word
+
+@patch
 def answer_phrase(self:MedSightForCausalLM,
                   input_ids:torch.Tensor, # (B, T) token ids
                   answer:torch.Tensor     # (B, T) bool: the answer's positions (in training, the labelled ones)
                  ) -> torch.Tensor:       # (B, T, H)
     "Per position t: the mean input embedding of the answer's words after the last code token or prompt position up to t (0 if none)."
-    V0, T = self.config.first_new_id, input_ids.shape[1]
-    with torch.no_grad(): e = self._base_lm().get_input_embeddings()(input_ids.clamp(max=V0 - 1)).float()   # (B, T, H), frozen here
+    T = input_ids.shape[1]
+    e, word = self.word_embeddings(input_ids)                                   # (B, T, H), (B, T)
     answer = answer.to(input_ids.device)
-    w = (answer & (input_ids < V0)).float()                                     # (B, T) the answer's words
+    w = (answer & word).float()                                                 # (B, T) the answer's words
     s, n = (e * w[..., None]).cumsum(1), w.cumsum(1)                            # running sums
     t = torch.arange(T, device=input_ids.device).expand_as(input_ids)
     last = torch.where(self.is_code(input_ids) | ~answer, t, -1).cummax(1).values   # (B, T) the last boundary at or before t
@@ -979,10 +987,9 @@ def generate_codes(self:MedSightForCausalLM,
         code = self.is_code(nxt) & ~done
         if track: ptr.visited = ptr.visited | (code[:, None] & (ptr.codes == (nxt - self.code_start)[:, None]))   # (B, N)
         if phrase:                                                             # as `answer_phrase`: a code token starts a new phrase
-            word = (nxt < self.config.first_new_id).float()[:, None]           # (B, 1)
-            e = self._base_lm().get_input_embeddings()(nxt.clamp(max=self.config.first_new_id - 1)).float()   # (B, H)
+            e, word = self.word_embeddings(nxt)                                # (B, H), (B,)
             keep = (~self.is_code(nxt)).float()[:, None]
-            ph_sum, ph_n = keep * (ph_sum + word * e), keep * (ph_n + word)
+            ph_sum, ph_n = keep * (ph_sum + e), keep * (ph_n + word.float()[:, None])
             ptr.phrase = ph_sum / ph_n.clamp(min=1)
         done = done | torch.isin(nxt, stop)
         if done.all() and not code.any(): break
