@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 # %% auto #0
-__all__ = ['DEFAULT_MODALITIES', 'MODALITY_ALIASES', 'PRESETS', 'MedSightError', 'DataError', 'ConfigError', 'CheckpointError',
-           'ModalityRegistry', 'set_seed', 'get_device', 'VisionConfig', 'PerceiverConfig', 'CodebookConfig',
-           'LLMConfig', 'TrainConfig', 'RunConfig', 'get_preset', 'atomic_write_text', 'config_from_dict',
-           'load_config', 'save_config']
+__all__ = ['DEFAULT_MODALITIES', 'MODALITY_ALIASES', 'AMP_MODES', 'PRESETS', 'MedSightError', 'DataError', 'ConfigError',
+           'CheckpointError', 'ModalityRegistry', 'set_seed', 'get_device', 'native_bf16', 'autocast_dtype',
+           'VisionConfig', 'PerceiverConfig', 'CodebookConfig', 'LLMConfig', 'TrainConfig', 'RunConfig', 'get_preset',
+           'atomic_write_text', 'config_from_dict', 'load_config', 'save_config']
 
 # %% ../nbs/00_core.ipynb #bb76b6a7
 class MedSightError(Exception):
@@ -125,6 +125,28 @@ def get_device(prefer:str=None): # 'cuda', 'mps', 'cpu' or None for the best ava
     if getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
+def native_bf16(device) -> bool:
+    "Whether `device` multiplies bfloat16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX."
+    import torch
+    dev = torch.device(device)
+    if dev.type == 'cuda': return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != 'cpu': return False
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_avx512_bf16_supported', '_is_amx_tile_supported'))
+
+AMP_MODES = ('auto', 'bf16', 'off')
+
+def autocast_dtype(mode:str,  # 'auto' (bf16 on a CUDA GPU that has it), 'bf16' (also on a CPU that has it) or 'off'
+                  device,     # where the model runs
+                  field:str='train.amp'): # the setting named in errors and warnings
+    "The autocast dtype for `train.amp` = `mode` on `device`: `torch.bfloat16`, or None for float32."
+    import torch, warnings
+    if mode not in AMP_MODES: raise ConfigError(f'unknown autocast mode {mode!r}', field=field, hint=f'choose one of {list(AMP_MODES)}')
+    dev = torch.device(device)
+    if mode == 'off' or (mode == 'auto' and dev.type != 'cuda'): return None
+    if native_bf16(dev): return torch.bfloat16
+    if mode == 'bf16': warnings.warn(f"{field}='bf16' but {dev} has no native bfloat16 arithmetic (emulated bf16 is slower); training in float32")
+    return None
+
 # %% ../nbs/00_core.ipynb #ddb2855b
 @dataclass
 class VisionConfig:
@@ -228,6 +250,8 @@ class TrainConfig:
     max_new_tokens:int = 48      # generation budget for validation
     progressive:bool = True      # stages 3, 4 and 5 in turn (False: stage 5 alone from stage 2, with the steps of all three; an ablation)
     vision_cache_mb:float = 4096 # stages 3–5: keep the frozen encoder's and perceiver's outputs per training image, up to this many MB (0: off)
+    amp:str = 'auto'             # autocast: 'auto' (bf16 on a CUDA GPU that has it, else float32), 'bf16' (also on a CPU with AVX512-BF16 or AMX), 'off'
+    stage_amp:dict = field(default_factory=dict) # autocast per stage where it differs from `amp`, e.g. {'5': 'bf16'}
 
 # %% ../nbs/00_core.ipynb #30979c08
 @dataclass
@@ -301,11 +325,13 @@ PRESETS = {
     'tiny':  RunConfig(preset='tiny', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, fine_width=32, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(lora_r=0, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True, pointer_features=True, region_readout=True,
                                      pointer_intent=True, copy_bias=True, asked_readout=True),
-                       train=TrainConfig(steps={'1': 1000, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0})),
+                       train=TrainConfig(steps={'1': 1500, '2': 300, '3': 30, '4': 60, '5': 900}, stage_lr={'5': 2e-3}, new_rows_lr_scale=3.0, lr_scales={'region_readout': 10.0},
+                                         stage_amp={'1': 'bf16'})),
     'small': RunConfig(preset='small', perceiver=PerceiverConfig(n_queries=12, image_skip=True, full_res=True, fine_width=32, mask_class=True, refine_classes=True, lean_top=True), codebook=CodebookConfig(reseed_every=25, dead_frac=0.3, usage_decay=0.95),
                        llm=LLMConfig(kind='smollm2', load_in_4bit=False, lora_r=16, lora_alpha=32, code_pointer=True, region_evidence=True, code_residual=True, name_pointer=True,
                                      pointer_features=True, region_readout=True, pointer_intent=True, copy_bias=True, asked_readout=True, patch_pool=2),
-                       train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 1000, '2': 300, '3': 10, '4': 20, '5': 360})),
+                       train=TrainConfig(batch_size=8, lr=5e-4, steps={'1': 1500, '2': 300, '3': 10, '4': 20, '5': 360},
+                                         stage_amp={'1': 'bf16', '3': 'bf16', '4': 'bf16', '5': 'bf16'})),
     'paper': RunConfig(preset='paper', vision=_paper_vision(),
                        perceiver=PerceiverConfig(n_queries=20, dim=256, heads=8, stages=3, mask_size=192),
                        codebook=CodebookConfig(modalities=DEFAULT_MODALITIES),

@@ -619,7 +619,7 @@ def name_bias(self:MedSightForCausalLM, p:torch.Tensor, ptr:PointerContext) -> t
     pc = p @ cls if p.dim() == cls.dim() else (p.unsqueeze(-2) @ cls).squeeze(-2)  # (B, T, N)·(B, N, C) or (S, N)·(S, N, C) → (…, C)
     ok = self.name_ids >= 0
     bias = p.new_zeros(*p.shape[:-1], self.config.first_new_id)
-    return bias.index_add(-1, self.name_ids[ok], (self.name_floor + pc[..., ok]).log())
+    return bias.index_add(-1, self.name_ids[ok], (self.name_floor + pc[..., ok].float()).log().to(bias.dtype))   # autocast may leave pc in bf16
 
 @patch
 def intent_loss(self:MedSightForCausalLM,

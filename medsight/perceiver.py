@@ -184,7 +184,7 @@ def encode(self:RegionPerceiver,
         if self.skips is not None:
             if image is None: raise ConfigError('this perceiver has image skips: pass the image', field='perceiver.image_skip',
                                                 hint='call perceiver(grid, image) or set perceiver.image_skip=False')
-            p = p + self.skips[s](F.interpolate(image.to(p.dtype), size=p.shape[-2:], mode='bilinear', align_corners=False, antialias=True))
+            p = p + self.skips[s](F.interpolate(image.float(), size=p.shape[-2:], mode='bilinear', align_corners=False, antialias=True).to(p.dtype))   # antialiased resizing has no bf16 kernel on a CPU
         pix.append(p)
     pos = [sine_pos_2d(*p.shape[-2:], self.dim, device=grid.device).to(p.dtype) for p in pix]
     imf = None

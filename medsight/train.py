@@ -13,7 +13,7 @@ import torch, torch.nn as nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from .core import (MedSightError, ConfigError, CheckpointError, RunConfig,
-                           atomic_write_text, set_seed, get_device)
+                           atomic_write_text, set_seed, get_device, autocast_dtype, native_bf16, AMP_MODES)
 from .codebook import code_token
 
 # %% auto #0
@@ -21,11 +21,11 @@ __all__ = ['STAGES', 'SIGNATURE', 'PICKLE_SUFFIXES', 'STAGE1_FREE', 'STAGE_NAMES
            'set_train_mode', 'param_groups', 'lr_factor', 'make_scheduler', 'to_device', 'batch_len', 'model_tensors',
            'model_signature', 'check_signature', 'save_checkpoint', 'verify_checkpoint', 'checkpoint_dirs',
            'find_checkpoint', 'load_weights', 'load_checkpoint', 'init_distributed', 'TrainError', 'Trainer',
-           'read_metrics', 'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'region_batches',
-           'load_region_data', 'stage1_skip', 'stage1_conflicts', 'check_stage1', 'load_region_model', 'region_spec',
-           'region_val', 'train_region_stage', 'write_code_labels', 'codebook_report', 'llm_spec', 'attach_lora',
-           'run_tokenizer', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss', 'llm_val', 'vision_cache',
-           'train_llm_stage', 'parse_stages', 'train_run', 'random_llm', 'bench']
+           'read_metrics', 'peak_memory_mb', 'is_done', 'plot_metrics', 'fit', 'train_args', 'stage_amp',
+           'region_batches', 'load_region_data', 'stage1_skip', 'stage1_conflicts', 'check_stage1', 'load_region_model',
+           'region_spec', 'region_val', 'train_region_stage', 'write_code_labels', 'codebook_report', 'llm_spec',
+           'attach_lora', 'run_tokenizer', 'load_llm_model', 'load_llm_data', 'llm_batches', 'llm_loss', 'llm_val',
+           'vision_cache', 'train_llm_stage', 'parse_stages', 'train_run', 'random_llm', 'bench']
 
 # %% ../nbs/07_train.ipynb #53d0a168
 @dataclass
@@ -454,7 +454,7 @@ class Trainer:
                  val_fn=None,          # `val_fn(model) -> dict` run at the end, in eval mode, without grad
                  on_step=None,         # `on_step(trainer, step) -> bool` after each optimiser step (on every rank, which must agree; its time counts in `wall_s`): True ends the run there
                  device=None,          # where to train (default `get_device()`)
-                 amp_dtype='auto',     # autocast dtype: 'auto' (bf16 on CUDA, off elsewhere), None, or a torch dtype
+                 amp_dtype='auto',     # autocast: a `train.amp` mode ('auto': bf16 on CUDA, off elsewhere; 'bf16'; 'off'), None, or a torch dtype
                  trainable_only:bool=True, # checkpoints hold trainable parameters only (frozen ones are rebuilt)
                  no_decay:tuple=(),    # name substrings never weight-decayed
                  config=None):         # the RunConfig (or a dict) to store with the run
@@ -467,8 +467,7 @@ class Trainer:
         if int(os.environ.get('WORLD_SIZE', '1')) > 1:            # under `accelerate launch` / torchrun: one process per device
             self.rank, self.world, device = init_distributed()
         self.device = get_device(device) if device is None or isinstance(device, str) else torch.device(device)
-        if amp_dtype == 'auto':
-            amp_dtype = torch.bfloat16 if self.device.type == 'cuda' and torch.cuda.is_bf16_supported() else None
+        if isinstance(amp_dtype, str): amp_dtype = autocast_dtype(amp_dtype, self.device)
         if amp_dtype == torch.float16: raise ConfigError('float16 autocast needs a grad scaler; use torch.bfloat16', field='amp_dtype')
         self.amp_dtype = amp_dtype
         if self.steps < 1: raise ConfigError(f'steps must be at least 1, got {steps}', field=f'train.steps.{spec.name}')
@@ -643,7 +642,8 @@ def finish(self:Trainer, step:int) -> dict:
     val = {}
     if self.val_fn is not None and step == self.steps:
         self.model.eval()
-        with torch.no_grad(): val = dict(self.val_fn(self.model) or {})
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            val = dict(self.val_fn(self.model) or {})                   # under the stage's autocast, as it trained
         set_train_mode(self.model, self.spec.eval_frozen)
     recs = read_metrics(self.out_dir)
     if recs: plot_metrics(recs, self.out_dir/'loss.png', title=f'stage {self.spec.name}: {self.spec.title}')
@@ -743,12 +743,20 @@ def fit(model:nn.Module,  # the whole model; `spec` decides what trains
 def train_args(cfg:RunConfig, # the run config
                stage:str      # the stage name, a key of `cfg.train.steps`
               ) -> dict:
-    "`fit` keyword arguments from `cfg.train` for `stage`: steps, lr, decay, warm-up, clip, accumulation, seed, config."
+    "`fit` keyword arguments from `cfg.train` for `stage`: steps, lr, decay, warm-up, clip, accumulation, autocast, seed, config."
     t = cfg.train
     if str(stage) not in t.steps:
         raise ConfigError(f'no step count for stage {stage}', field=f'train.steps.{stage}', hint=f"set e.g. train.steps='{{\"{stage}\": 500}}'")
     return dict(steps=int(t.steps[str(stage)]), lr=float(t.stage_lr.get(str(stage), t.lr)), weight_decay=t.weight_decay, warmup_frac=t.warmup_frac, clip=t.clip,
-                grad_accum=t.grad_accum, seed=cfg.seed, config=cfg)
+                grad_accum=t.grad_accum, amp_dtype=stage_amp(cfg, stage), seed=cfg.seed, config=cfg)
+
+def stage_amp(cfg:RunConfig, stage:str) -> str:
+    "The autocast mode of `stage`: `train.stage_amp[stage]`, else `train.amp` (checked here, resolved per device by the trainer)."
+    mode = cfg.train.stage_amp.get(str(stage), cfg.train.amp)
+    if mode not in AMP_MODES:
+        f = f'train.stage_amp.{stage}' if str(stage) in cfg.train.stage_amp else 'train.amp'
+        raise ConfigError(f'unknown autocast mode {mode!r}', field=f, hint=f'choose one of {list(AMP_MODES)}')
+    return mode
 
 # %% ../nbs/07_train.ipynb #ec31b13c
 def region_batches(data,                 # a `RegionData`
@@ -1332,6 +1340,7 @@ def bench(preset:str='tiny',         # tiny, small or paper
         raise ConfigError('the paper preset is benchmarked on a CUDA GPU', field='device', hint='run on a GPU, or pass allow_cpu=True')
     q4 = cfg.llm.load_in_4bit if qlora is None else qlora
     dtype = torch.bfloat16 if dev.type == 'cuda' else torch.float32
+    amp = autocast_dtype(stage_amp(cfg, '5'), dev, field='train.stage_amp.5')            # as stage 5 trains
     seq_len = int(seq_len or cfg.llm.max_length)
     if dev.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats(dev)
     with tempfile.TemporaryDirectory() as tmp:
@@ -1357,7 +1366,7 @@ def bench(preset:str='tiny',         # tiny, small or paper
                  region_masks=[(torch.rand(2, S, S, generator=g) > 0.8).to(dev) for _ in range(batch_size)])
     set_train_mode(model)
     def step():
-        with torch.autocast(dev.type, dtype=dtype, enabled=dev.type == 'cuda'):
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = llm_loss(model, batch)['loss']
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         if dev.type == 'cuda': torch.cuda.synchronize(dev)
@@ -1367,7 +1376,7 @@ def bench(preset:str='tiny',         # tiny, small or paper
     losses = [step() for _ in range(steps)]
     dt = time.perf_counter() - t0
     res = dict(preset=preset, seq_len=seq_len, batch_size=batch_size, steps=steps, qlora=bool(q4),
-               grad_checkpointing=bool(cfg.llm.grad_checkpointing), optim_8bit=optim_8bit,
+               grad_checkpointing=bool(cfg.llm.grad_checkpointing), optim_8bit=optim_8bit, amp=str(amp).replace('torch.', '') if amp else None,
                peak_mem_mb=round(peak_memory_mb(dev), 1), tokens_per_s=round(batch_size * seq_len * steps / dt, 1),
                s_per_step=round(dt / steps, 3), trainable_params=sum(p.numel() for p in params),
                device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu', loss=round(losses[-1], 4))
