@@ -11,9 +11,9 @@ from typing import Any
 
 # %% auto #0
 __all__ = ['DEFAULT_MODALITIES', 'MODALITY_ALIASES', 'AMP_MODES', 'PRESETS', 'MedSightError', 'DataError', 'ConfigError',
-           'CheckpointError', 'ModalityRegistry', 'set_seed', 'get_device', 'native_bf16', 'autocast_dtype',
-           'VisionConfig', 'PerceiverConfig', 'CodebookConfig', 'LLMConfig', 'TrainConfig', 'RunConfig', 'get_preset',
-           'atomic_write_text', 'config_from_dict', 'load_config', 'save_config']
+           'CheckpointError', 'ModalityRegistry', 'set_seed', 'get_device', 'native_bf16', 'check_amp',
+           'autocast_dtype', 'VisionConfig', 'PerceiverConfig', 'CodebookConfig', 'LLMConfig', 'TrainConfig',
+           'RunConfig', 'get_preset', 'atomic_write_text', 'config_from_dict', 'load_config', 'save_config']
 
 # %% ../nbs/00_core.ipynb #bb76b6a7
 class MedSightError(Exception):
@@ -135,12 +135,17 @@ def native_bf16(device) -> bool:
 
 AMP_MODES = ('auto', 'bf16', 'off')
 
+def check_amp(mode:str, field:str='train.amp') -> str:
+    "`mode` if it is an autocast mode, else a `ConfigError` naming `field`."
+    if mode not in AMP_MODES: raise ConfigError(f'unknown autocast mode {mode!r}', field=field, hint=f'choose one of {list(AMP_MODES)}')
+    return mode
+
 def autocast_dtype(mode:str,  # 'auto' (bf16 on a CUDA GPU that has it), 'bf16' (also on a CPU that has it) or 'off'
                   device,     # where the model runs
                   field:str='train.amp'): # the setting named in errors and warnings
     "The autocast dtype for `train.amp` = `mode` on `device`: `torch.bfloat16`, or None for float32."
     import torch, warnings
-    if mode not in AMP_MODES: raise ConfigError(f'unknown autocast mode {mode!r}', field=field, hint=f'choose one of {list(AMP_MODES)}')
+    check_amp(mode, field)
     dev = torch.device(device)
     if mode == 'off' or (mode == 'auto' and dev.type != 'cuda'): return None
     if native_bf16(dev): return torch.bfloat16

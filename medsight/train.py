@@ -13,7 +13,7 @@ import torch, torch.nn as nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from .core import (MedSightError, ConfigError, CheckpointError, RunConfig,
-                           atomic_write_text, set_seed, get_device, autocast_dtype, native_bf16, AMP_MODES)
+                           atomic_write_text, set_seed, get_device, autocast_dtype, native_bf16, check_amp)
 from .codebook import code_token
 
 # %% auto #0
@@ -752,11 +752,8 @@ def train_args(cfg:RunConfig, # the run config
 
 def stage_amp(cfg:RunConfig, stage:str) -> str:
     "The autocast mode of `stage`: `train.stage_amp[stage]`, else `train.amp` (checked here, resolved per device by the trainer)."
-    mode = cfg.train.stage_amp.get(str(stage), cfg.train.amp)
-    if mode not in AMP_MODES:
-        f = f'train.stage_amp.{stage}' if str(stage) in cfg.train.stage_amp else 'train.amp'
-        raise ConfigError(f'unknown autocast mode {mode!r}', field=f, hint=f'choose one of {list(AMP_MODES)}')
-    return mode
+    s = str(stage)
+    return check_amp(cfg.train.stage_amp.get(s, cfg.train.amp), f'train.stage_amp.{s}' if s in cfg.train.stage_amp else 'train.amp')
 
 # %% ../nbs/07_train.ipynb #ec31b13c
 def region_batches(data,                 # a `RegionData`
